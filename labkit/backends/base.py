@@ -1,0 +1,203 @@
+"""The one small interface every queue technology implements.
+
+A backend knows its broker's vocabulary (jobs, stream entries, records) and nothing of
+bookings: it delivers each message to a :class:`~labkit.workflow.BookingHandler`, then
+turns the handler's verdict into its own way of acknowledging, retrying and
+dead-lettering. Lessons and tests talk only to this interface, so the three systems are
+compared doing exactly the same work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from labkit.booking import booking_id_of, encode
+from labkit.config import Config
+from labkit.errors import BrokerUnavailable
+from labkit.workflow import BookingHandler, Delivery, Ledger, Result, WorkerSettings
+
+Message = Mapping[str, Any] | str | bytes
+
+
+def wire_text(message: Message) -> str | bytes:
+    """The text to put on the wire: a dict is encoded (``created_at`` stamped if absent), text is sent as is.
+
+    Sending text or bytes unchanged is how lessons and tests deliver malformed messages.
+    """
+    if isinstance(message, Mapping):
+        booking = dict(message)
+        booking.setdefault("created_at", time.time())
+        return encode(booking)
+    return message
+
+
+class Backend(ABC):
+    """A queue technology doing the booking job.
+
+    Use as an async context manager: ``async with get_backend("kafka")(cfg) as b: ...``.
+
+    Args:
+        config: addresses and namespace.
+        settings: how workers process bookings (concurrency, attempts, backoff, ...).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Config, settings: WorkerSettings | None = None) -> None:
+        self.config = config
+        self.names = config.names
+        self.settings = settings or WorkerSettings()
+        self._redis: Any = None
+        self._ledger: Ledger | None = None
+
+    async def __aenter__(self) -> Backend:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- connection ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the Redis connection that holds labkit's ledger (every backend has one).
+
+        Raises:
+            BrokerUnavailable: Redis does not answer.
+        """
+        import redis.asyncio as aioredis
+
+        if self._redis is not None:
+            return
+        self._redis = aioredis.Redis.from_url(self.config.redis_url, socket_connect_timeout=3)
+        try:
+            await self._redis.ping()
+        except (OSError, aioredis.ConnectionError, aioredis.TimeoutError):
+            await self._redis.aclose()
+            self._redis = None
+            raise BrokerUnavailable(
+                f"Redis is not answering at {self.config.redis_url}; start the lab with `labkit up`"
+            ) from None
+        self._ledger = Ledger(self._redis, self.config, self.name)
+
+    async def close(self) -> None:
+        """Release every connection."""
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def redis(self) -> Any:
+        """The ``redis.asyncio.Redis`` client (connect first)."""
+        if self._redis is None:
+            raise RuntimeError("backend is not connected; use `async with` or await connect()")
+        return self._redis
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            raise RuntimeError("backend is not connected; use `async with` or await connect()")
+        return self._ledger
+
+    # -- the queue contract -------------------------------------------------------------
+
+    @abstractmethod
+    async def setup(self) -> None:
+        """Create the work and dead-letter destinations and the consumer group; safe to repeat.
+
+        Work sent before any worker starts waits and is processed once workers start.
+        """
+
+    @abstractmethod
+    async def produce(self, messages: Iterable[Message]) -> list[str]:
+        """Send messages in order and return where each landed (job id, entry id, ``topic/partition/offset``).
+
+        Returns only when the broker has acknowledged every message: a message reported
+        as sent survives the producer crashing afterwards.
+        """
+
+    async def produce_one(self, message: Message) -> str:
+        """Send one message; see :meth:`produce`."""
+        return (await self.produce([message]))[0]
+
+    @abstractmethod
+    async def consume(self, handler: BookingHandler, stop: asyncio.Event) -> None:
+        """Deliver messages to ``handler`` with ``settings.concurrency`` in flight, until ``stop`` is set.
+
+        A message is acknowledged only after the handler finished with it (at-least-once):
+        a worker killed mid-message leaves it to be delivered again. A ``RETRY`` verdict
+        is delivered again after the backoff, without holding up other messages; a
+        ``DEAD`` verdict goes to the dead-letter destination once, with its reason. On
+        ``stop`` the messages in flight are finished and acknowledged before returning.
+        """
+
+    @abstractmethod
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """The dead-letter destination's contents: ``booking`` (original text), ``reason``, ``attempts``, ``source``."""
+
+    @abstractmethod
+    async def queue_depths(self) -> dict[str, Any]:
+        """The broker's own view: at least ``backlog`` (not yet delivered) and ``in_flight`` (delivered, not acked).
+
+        May add backend detail (per-partition lag, pending per consumer, job-state counts).
+        """
+
+    @abstractmethod
+    async def purge(self) -> None:
+        """Empty the work, retry and dead-letter destinations and reset the consumer group."""
+
+    # -- shared behaviour ----------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        """CONTRACT.md's counters: the ledger's counts plus the broker's backlog and in-flight."""
+        counts = await self.ledger.counts()
+        depths = await self.queue_depths()
+        return {"backend": self.name, **counts, **depths}
+
+    async def reset(self) -> None:
+        """Empty this backend's destinations and its counters and effects, then set it up again."""
+        await self.purge()
+        await self.ledger.reset()
+        await self.setup()
+
+    async def dead_letter(self, handler: BookingHandler, delivery: Delivery, result: Result) -> None:
+        """Send a message to the dead-letter destination with its reason, count it, and log it."""
+        reason = result.reason or "unknown"
+        await self.write_dead_letter(delivery, reason)
+        await self.ledger.record_dead_letter(result.booking_id, delivery.source)
+        handler.events.emit(
+            "dead_lettered",
+            booking_id=result.booking_id,
+            attempt=delivery.attempt,
+            source=delivery.source,
+            reason=reason,
+        )
+
+    @abstractmethod
+    async def write_dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Write one dead letter in this backend's format (CONTRACT.md); idempotent per booking where possible."""
+
+
+def dead_letter_record(booking: str | bytes, reason: str, attempts: int, source: str) -> dict[str, Any]:
+    """The common shape of a dead letter as lessons show it."""
+    text = booking.decode("utf-8", "replace") if isinstance(booking, bytes) else booking
+    return {
+        "booking_id": booking_id_of(text),
+        "booking": text,
+        "reason": reason,
+        "attempts": attempts,
+        "source": source,
+    }
+
+
+def json_or_text(value: str) -> Any:
+    """Decode JSON if it is JSON, else return the text; for showing dead letters."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

@@ -1,0 +1,128 @@
+"""Synchronous conveniences for notebooks and the CLI: one call per lesson step.
+
+The backends are asyncio code. A notebook cell may ``await`` them directly, but the
+CLI and most lesson cells are simpler without it, and Jupyter already runs an event
+loop in the kernel's thread. :func:`run` therefore runs a coroutine on a private loop
+in a helper thread, which works the same in a terminal, a test and a kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from labkit.backends import Backend, get_backend
+from labkit.backends.base import Message
+from labkit.config import Config
+from labkit.workflow import WorkerSettings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+T = TypeVar("T")
+
+_run_numbers = itertools.count(1)
+_runner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-sync")
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run a coroutine to completion and return its result, even inside a running event loop."""
+
+    async def _main() -> T:
+        return await coro
+
+    return _runner.submit(asyncio.run, _main()).result()
+
+
+def with_backend(
+    backend: str,
+    action: Callable[[Backend], Awaitable[T]],
+    config: Config | None = None,
+    settings: WorkerSettings | None = None,
+) -> T:
+    """Connect to ``backend``, run ``action`` on it, and close the connections again."""
+
+    async def _go() -> T:
+        async with get_backend(backend)(config or Config.from_env(), settings) as connected:
+            return await action(connected)
+
+    return run(_go())
+
+
+def setup(start_stack: bool = True, namespace: str | None = None) -> Config:
+    """The first cell of every lesson: make sure the stack runs and its destinations exist.
+
+    Args:
+        start_stack: start the local Redis and Kafka-protocol broker if they are not answering.
+        namespace: prefix for every queue name, so lessons do not disturb each other's data.
+
+    Returns:
+        The lab's configuration, for passing to the other calls.
+    """
+    from labkit import stack
+
+    config = Config.from_env() if namespace is None else Config.from_env(namespace=namespace)
+    if start_stack:
+        stack.Stack(config).up()
+    for name in ("bullmq", "streams", "kafka"):
+        with_backend(name, lambda b: b.setup(), config)
+    return config
+
+
+def produce(backend: str, messages: Iterable[Message], config: Config | None = None, **settings: Any) -> list[str]:
+    """Send messages to ``backend``; returns where each landed."""
+    batch = list(messages)
+    return with_backend(backend, lambda b: b.produce(batch), config, WorkerSettings(**settings))
+
+
+def stats(backend: str, config: Config | None = None) -> dict[str, Any]:
+    """CONTRACT.md's counters for ``backend``: completed, dead_lettered, retried, duplicates, in_flight, backlog."""
+    return with_backend(backend, lambda b: b.stats(), config)
+
+
+def reset(backend: str, config: Config | None = None) -> None:
+    """Empty ``backend``'s destinations, counters and effects (stop its workers first)."""
+    with_backend(backend, lambda b: b.reset(), config)
+
+
+def dead_letters(backend: str, config: Config | None = None) -> pd.DataFrame:
+    """The dead-letter destination of ``backend`` as a DataFrame: booking_id, reason, attempts, source, booking."""
+    import pandas as pd
+
+    rows = with_backend(backend, lambda b: b.dead_letters(), config)
+    return pd.DataFrame(rows, columns=["booking_id", "reason", "attempts", "source", "booking"])
+
+
+def new_run(name: str, config: Config | None = None) -> Path:
+    """A fresh run folder ``<home>/runs/<name>-<timestamp>`` for event logs and effects."""
+    config = config or Config.from_env()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = config.runs_dir / f"{name}-{stamp}-{os.getpid()}-{next(_run_numbers)}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def status_frame(config: Config | None = None) -> pd.DataFrame:
+    """``labkit status`` as a DataFrame: service, address, kind, healthy, started_by."""
+    import pandas as pd
+
+    from labkit import stack
+
+    rows = [s.to_dict() for s in stack.Stack(config or Config.from_env()).status()]
+    return pd.DataFrame(rows).set_index("service")
+
+
+def stats_frame(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Stats of several backends side by side, one row per backend, CONTRACT.md's counters first."""
+    import pandas as pd
+
+    columns = ["completed", "dead_lettered", "retried", "duplicates", "in_flight", "backlog"]
+    frame = pd.DataFrame.from_dict(results, orient="index")
+    frame.index.name = "backend"
+    return frame[[c for c in columns if c in frame] + [c for c in frame if c not in columns and c != "backend"]]

@@ -1,0 +1,385 @@
+"""The hotel-booking workflow every backend runs: validate → charge payment → write
+confirmation → send email → update inventory.
+
+The effects are real and checkable, so that a lesson can prove what a duplicate
+delivery did:
+
+- payment: a per-booking charge count in the Redis hash ``lab:<ns><backend>:payments``;
+- confirmation: a small JSON file ``<run>/confirmations/<backend>/<booking_id>.json``;
+- email: a message file in the local outbox ``<run>/outbox/<backend>/``;
+- inventory: a per-hotel counter in the Redis hash ``lab:<ns><backend>:inventory``.
+
+With idempotency on (the default) each effect is guarded by a per-booking marker and
+happens once however often the message is delivered; with it off, every run applies
+every effect again. Either way each workflow run of an already-completed booking is
+counted as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from labkit.booking import Booking, booking_id_of, parse_booking
+from labkit.config import Config
+from labkit.errors import BadMessage
+from labkit.events import EventLog
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+
+class Outcome(str, Enum):
+    """What the backend must do with a message after one workflow run."""
+
+    COMPLETED = "completed"  # ack / commit: never redelivered
+    RETRY = "retry"  # transient failure, attempts left: deliver again after the backoff
+    DEAD = "dead"  # bad message or attempts exhausted: dead-letter with the reason
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a message to a worker.
+
+    Args:
+        payload: the message text exactly as it came off the wire.
+        attempt: 1 for the first delivery; the backend's own delivery counter after that.
+        source: where it came from, in the backend's words: ``job 17``, ``entry 1700000000000-0``,
+            ``bookings/2/15`` (topic/partition/offset).
+    """
+
+    payload: bytes | str
+    attempt: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """The workflow's verdict on one delivery."""
+
+    outcome: Outcome
+    booking_id: str | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker processes bookings. Identical for every backend, so comparisons are fair.
+
+    Args:
+        concurrency: bookings processed at once inside one worker process.
+        max_attempts: deliveries of a failing booking before it is dead-lettered.
+        backoff_ms: delay before the first retry; BullMQ and Kafka double it for each
+            further retry, Redis Streams uses it as the XAUTOCLAIM min-idle time.
+        idempotent: guard every effect with a per-booking marker.
+        workflow: ``"booking"`` runs the five steps with their effects; ``"noop"`` only
+            validates and records completion, for measuring the queue itself.
+        step_ms: simulated I/O time of each step (``asyncio.sleep``), for scaling lessons.
+        cpu_ms: CPU-bound work per booking (a busy loop that holds the GIL).
+        options: backend-specific tuning in the backend's own words, e.g.
+            ``{"lock_duration_ms": "5000"}`` for BullMQ; each backend documents its keys.
+    """
+
+    concurrency: int = 1
+    max_attempts: int = 3
+    backoff_ms: int = 200
+    idempotent: bool = True
+    workflow: str = "booking"
+    step_ms: float = 0.0
+    cpu_ms: float = 0.0
+    options: dict[str, str] = field(default_factory=dict)
+
+    def option(self, key: str, default: float) -> float:
+        """A numeric backend option, or ``default`` when not given."""
+        return float(self.options.get(key, default))
+
+    def backoff_for(self, attempt: int) -> float:
+        """Seconds to wait before delivery ``attempt + 1`` under exponential backoff."""
+        return self.backoff_ms / 1000.0 * (2 ** (attempt - 1))
+
+
+class PaymentFailed(Exception):
+    """The payment step failed; transient unless the booking is poison."""
+
+
+# Apply an effect once per booking (idempotent) or every time; count every application.
+_APPLY_EFFECT = """
+if ARGV[4] == '1' and redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+# Record finished workflow runs (one per ARGV); a run for an already-completed booking is a duplicate.
+_RECORD_COMPLETIONS = """
+local first = {}
+for i, booking_id in ipairs(ARGV) do
+  redis.call('HINCRBY', KEYS[2], 'runs', 1)
+  if redis.call('SADD', KEYS[1], booking_id) == 0 then
+    redis.call('HINCRBY', KEYS[2], 'duplicates', 1)
+    first[i] = 0
+  else
+    first[i] = 1
+  end
+end
+return first
+"""
+
+
+class _GroupCommit:
+    """Writes completions in batches: whoever arrives while a write is in flight joins the next one.
+
+    At low load every completion is written at once (no added latency); under load, the
+    completions of all concurrent handlers share one round trip to Redis. The caller still
+    waits until its own completion is stored, so a message is never acknowledged before
+    its completion is recorded.
+    """
+
+    def __init__(self, write: Callable[[list[str]], Awaitable[list[int]]]) -> None:
+        self._write = write
+        self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, booking_id: str) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((booking_id, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                firsts = await self._write([booking_id for booking_id, _ in batch])
+            except Exception as error:  # noqa: BLE001 - handed to every waiter, who re-raises it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), first in zip(batch, firsts, strict=True):
+                if not future.done():
+                    future.set_result(bool(first))
+
+
+class Ledger:
+    """labkit's own bookkeeping in Redis: effects and the counters behind ``stats``.
+
+    All keys of one backend share the prefix ``lab:<namespace><backend>:`` so that ``reset``
+    can find them and a learner can read them with ``redis-cli``.
+    """
+
+    def __init__(self, redis: Redis, config: Config, backend: str) -> None:
+        self.redis = redis
+        self.names = config.names
+        self.backend = backend
+        self._apply = redis.register_script(_APPLY_EFFECT)
+        self._complete = redis.register_script(_RECORD_COMPLETIONS)
+        self._completions = _GroupCommit(self._write_completions)
+
+    def key(self, *parts: str) -> str:
+        return self.names.key(self.backend, *parts)
+
+    async def apply_effect(self, kind: str, booking_id: str, field_name: str, amount: int, idempotent: bool) -> bool:
+        """Add ``amount`` to ``field_name`` of hash ``kind``; once per booking when idempotent."""
+        applied = await self._apply(
+            keys=[self.key("effects"), self.key(kind)],
+            args=[f"{kind}:{booking_id}", field_name, amount, "1" if idempotent else "0"],
+        )
+        return bool(applied)
+
+    async def record_completion(self, booking_id: str) -> bool:
+        """Mark the booking completed; False (and a duplicate counted) if it already was."""
+        return await self._completions.submit(booking_id)
+
+    async def _write_completions(self, booking_ids: list[str]) -> list[int]:
+        firsts: list[int] = await self._complete(keys=[self.key("completed"), self.key("counters")], args=booking_ids)
+        return firsts
+
+    async def record_retry(self) -> None:
+        await self.redis.hincrby(self.key("counters"), "retried", 1)
+
+    async def record_dead_letter(self, booking_id: str | None, source: str) -> None:
+        """Count a dead letter, distinct per booking (per source when the message had no usable id)."""
+        await self.redis.sadd(self.key("dead"), booking_id or f"source:{source}")
+
+    async def counts(self) -> dict[str, int]:
+        """``completed``, ``dead_lettered``, ``retried``, ``duplicates`` and ``runs``."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.scard(self.key("completed"))
+            pipe.scard(self.key("dead"))
+            pipe.hgetall(self.key("counters"))
+            completed, dead, counters = await pipe.execute()
+        counters = {_text(k): int(v) for k, v in counters.items()}
+        return {
+            "completed": int(completed),
+            "dead_lettered": int(dead),
+            "retried": counters.get("retried", 0),
+            "duplicates": counters.get("duplicates", 0),
+            "runs": counters.get("runs", 0),
+        }
+
+    async def effects(self) -> dict[str, dict[str, int]]:
+        """The applied effects: ``payments`` (charges per booking) and ``inventory`` (rooms per hotel)."""
+        payments = await self.redis.hgetall(self.key("payments"))
+        inventory = await self.redis.hgetall(self.key("inventory"))
+        return {
+            "payments": {_text(k): int(v) for k, v in payments.items()},
+            "inventory": {_text(k): int(v) for k, v in inventory.items()},
+        }
+
+    async def reset(self) -> int:
+        """Delete every bookkeeping key of this backend; returns how many were deleted."""
+        deleted = 0
+        async for key in self.redis.scan_iter(match=self.key("*"), count=500):
+            deleted += int(await self.redis.delete(key))
+        return deleted
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class BookingHandler:
+    """Runs the workflow for one delivery and says what the backend should do next.
+
+    The handler never raises for a bad or failing message (only for cancellation): the
+    backend turns the :class:`Result` into an ack, a scheduled retry or a dead letter.
+
+    Args:
+        ledger: the Redis bookkeeping of this backend.
+        events: this worker's event log.
+        settings: the worker settings.
+        run_dir: the run folder, for confirmation files and the outbox.
+    """
+
+    ledger: Ledger
+    events: EventLog
+    settings: WorkerSettings
+    run_dir: Path
+    in_flight: int = 0
+    _dirs: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind in ("confirmations", "outbox"):
+            folder = self.run_dir / kind / self.ledger.backend
+            folder.mkdir(parents=True, exist_ok=True)
+            self._dirs[kind] = folder
+
+    async def __call__(self, delivery: Delivery) -> Result:
+        """Validate and run the workflow once; the verdict is also written to the event log."""
+        self.in_flight += 1
+        try:
+            return await self._run(delivery)
+        finally:
+            self.in_flight -= 1
+
+    async def _run(self, delivery: Delivery) -> Result:
+        where = {"attempt": delivery.attempt, "source": delivery.source}
+        try:
+            booking = parse_booking(delivery.payload)
+        except BadMessage as bad:
+            booking_id = booking_id_of(delivery.payload)
+            self.events.emit("failed", booking_id=booking_id, error=bad.reason, bad_message=True, **where)
+            return Result(Outcome.DEAD, booking_id, f"bad message: {bad.reason}")
+
+        booking_id = booking.booking_id
+        latency = {"created_at": booking.created_at, "seq": booking.seq}
+        self.events.emit("started", booking_id=booking_id, **where, **latency)
+        if delivery.attempt > 1:
+            await self.ledger.record_retry()
+        try:
+            await self._workflow(booking, delivery.attempt)
+        except PaymentFailed as failure:
+            self.events.emit("failed", booking_id=booking_id, error=str(failure), **where)
+            if booking.fault.poison and delivery.attempt >= self.settings.max_attempts:
+                return Result(Outcome.DEAD, booking_id, f"poison: {failure} (after {delivery.attempt} attempts)")
+            if delivery.attempt >= self.settings.max_attempts:
+                return Result(Outcome.DEAD, booking_id, f"attempts exhausted: {failure}")
+            return Result(Outcome.RETRY, booking_id, str(failure))
+        first = await self.ledger.record_completion(booking_id)
+        self.events.emit("completed", booking_id=booking_id, duplicate=not first, **where, **latency)
+        return Result(Outcome.COMPLETED, booking_id)
+
+    async def _workflow(self, booking: Booking, attempt: int) -> None:
+        """The five steps. Each awaits ``step_ms`` of simulated I/O, so concurrency has something to overlap."""
+        settings = self.settings
+        if booking.fault.slow_ms:
+            await asyncio.sleep(booking.fault.slow_ms / 1000.0)
+        if settings.cpu_ms:
+            _burn_cpu(settings.cpu_ms)
+        if settings.workflow == "noop":
+            return
+        await self._step()  # validate: parse_booking already checked the schema
+        await self._step()
+        if booking.fault.poison:
+            raise PaymentFailed("card declined: poison booking fails every attempt")
+        if attempt <= booking.fault.fail_times:
+            raise PaymentFailed(f"payment gateway timeout (injected: attempt {attempt} of {booking.fault.fail_times})")
+        await self.ledger.apply_effect("payments", booking.booking_id, booking.booking_id, 1, settings.idempotent)
+        await self._step()
+        self._write_confirmation(booking)
+        await self._step()
+        self._send_email(booking)
+        await self._step()
+        await self.ledger.apply_effect("inventory", booking.booking_id, booking.hotel_id, 1, settings.idempotent)
+
+    async def _step(self) -> None:
+        if self.settings.step_ms:
+            await asyncio.sleep(self.settings.step_ms / 1000.0)
+
+    def _write_confirmation(self, booking: Booking) -> None:
+        """One file per booking; with idempotency off a repeat run writes another copy, numbered."""
+        document = json.dumps(
+            {
+                "booking_id": booking.booking_id,
+                "hotel_id": booking.hotel_id,
+                "check_in": booking.check_in.isoformat(),
+                "check_out": booking.check_out.isoformat(),
+                "nights": booking.nights,
+                "amount_cents": booking.amount_cents,
+                "confirmed_at": time.time(),
+            }
+        )
+        _write_new(self._dirs["confirmations"], booking.booking_id, ".json", document, self.settings.idempotent)
+
+    def _send_email(self, booking: Booking) -> None:
+        message = (
+            f"To: {booking.user_id}@guests.example\nSubject: Booking {booking.booking_id} confirmed\n\n"
+            f"Your stay at {booking.hotel_id} from {booking.check_in} to {booking.check_out} is confirmed.\n"
+        )
+        _write_new(self._dirs["outbox"], booking.booking_id, ".eml", message, self.settings.idempotent)
+
+
+def _write_new(folder: Path, booking_id: str, suffix: str, text: str, idempotent: bool) -> None:
+    """Create ``<booking_id><suffix>`` exclusively; a repeat is skipped, or kept as a numbered copy."""
+    try:
+        with open(folder / f"{booking_id}{suffix}", "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        if not idempotent:
+            (folder / f"{booking_id}.{uuid.uuid4().hex[:8]}{suffix}").write_text(text, encoding="utf-8")
+
+
+def _burn_cpu(ms: float) -> None:
+    deadline = time.perf_counter() + ms / 1000.0
+    while time.perf_counter() < deadline:
+        pass
+
+
+def count_effects(run_dir: Path, backend: str) -> dict[str, dict[str, int]]:
+    """Confirmation files and outbox emails per booking, read back from the run folder."""
+    counts: dict[str, dict[str, int]] = {}
+    for kind in ("confirmations", "outbox"):
+        per_booking: dict[str, int] = {}
+        for path in (run_dir / kind / backend).glob("*"):
+            booking_id = path.name.split(".")[0]
+            per_booking[booking_id] = per_booking.get(booking_id, 0) + 1
+        counts[kind] = per_booking
+    return counts
