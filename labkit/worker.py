@@ -68,10 +68,9 @@ async def run_worker(
             events.emit("ready", concurrency=settings.concurrency, settings=settings.__dict__)
             await backend.consume(handler, stop)
             events.emit("stopped", cold=False)
-    except BrokerUnavailable as e:
+    except LabkitError as e:
         events.emit("stopped", cold=False, error=str(e))
-        log.error("%s", e)
-        return EXIT_CONNECT
+        raise
     finally:
         events.close()
     return EXIT_OK
@@ -137,19 +136,20 @@ def worker_command(
         cpu_ms=cpu_ms,
         options=_parse_options(options),
     )
-    code = asyncio.run(
-        run_worker(
-            backend,
-            config,
-            settings,
-            run_dir or config.runs_dir / "current",
-            worker_id or default_worker_id(backend),
+    try:
+        code = asyncio.run(
+            run_worker(
+                backend,
+                config,
+                settings,
+                run_dir or config.runs_dir / "current",
+                worker_id or default_worker_id(backend),
+            )
         )
-    )
-    if code == EXIT_CONNECT:
-        error = click.ClickException("a broker is unreachable; start the lab with `labkit up`")
-        error.exit_code = EXIT_CONNECT
-        raise error
+    except LabkitError as e:
+        error = click.ClickException(str(e))
+        error.exit_code = EXIT_CONNECT if isinstance(e, BrokerUnavailable) else EXIT_CONFIG
+        raise error from None
     sys.exit(code)
 
 

