@@ -10,6 +10,7 @@ from labkit.config import Config
 from labkit.errors import BadMessage, BackendError, BrokerUnavailable, ConfigError, LabkitError, StackError
 from labkit.events import load_run
 from labkit.lab import dead_letters, new_run, produce, reset, run, setup, stats, stats_frame, status_frame
+from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "LabkitError",
     "StackError",
+    "WorkerPool",
     "WorkerSettings",
     "dead_letters",
     "get_backend",
