@@ -7,7 +7,7 @@ real worker processes that lessons start, scale, kill and chart.
 from labkit.backends import BACKENDS, Backend, get_backend
 from labkit.booking import Booking, BookingGenerator, parse_booking
 from labkit.config import Config
-from labkit.errors import BadMessage, BackendError, BrokerUnavailable, ConfigError, LabkitError, StackError
+from labkit.errors import BackendError, BadMessage, BrokerUnavailable, ConfigError, LabkitError, StackError
 from labkit.events import load_run
 from labkit.lab import dead_letters, new_run, produce, reset, run, setup, stats, stats_frame, status_frame
 from labkit.pool import WorkerPool

@@ -64,6 +64,8 @@ class Booking:
 
 def _nesting_depth(text: str) -> int:
     """Deepest bracket nesting outside strings, measured before ``json.loads`` sees the text."""
+    if text.count("{") + text.count("[") <= MAX_NESTING:
+        return 0  # too few brackets to nest too deep: skip the character walk (the common case)
     depth = deepest = 0
     in_string = escaped = False
     for ch in text:

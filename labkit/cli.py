@@ -76,7 +76,10 @@ def _after_up(config: Config) -> None:
     """Create CONTRACT.md's queues, streams, topics and groups, so work sent before any worker starts waits."""
     for backend in BACKENDS:
         lab.with_backend(backend, lambda b: b.setup(), config)
-    click.echo(f"created the destinations of {', '.join(BACKENDS)}" + (f" in namespace {config.namespace!r}" if config.namespace else ""))
+    click.echo(
+        f"created the destinations of {', '.join(BACKENDS)}"
+        + (f" in namespace {config.namespace!r}" if config.namespace else "")
+    )
 
 
 _backend_option = click.option(
@@ -145,12 +148,26 @@ def reset(backend: str) -> None:
 @cli.command()
 @_backend_option
 @click.option("--count", "-n", type=click.IntRange(0, 10_000_000), required=True, help="Valid bookings to send.")
-@click.option("--rate", type=click.FloatRange(0, min_open=True), default=None,
-              help="Bookings per second [default: as fast as the broker takes them].")
-@click.option("--fault-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Share of bookings whose payment fails twice before it succeeds.")
-@click.option("--poison", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
-              help="Poison bookings to send as well: they fail every attempt and end in the dead-letter queue.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Bookings per second [default: as fast as the broker takes them].",
+)
+@click.option(
+    "--fault-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of bookings whose payment fails twice before it succeeds.",
+)
+@click.option(
+    "--poison",
+    type=click.IntRange(0, 1_000_000),
+    default=0,
+    show_default=True,
+    help="Poison bookings to send as well: they fail every attempt and end in the dead-letter queue.",
+)
 @click.option("--seed", type=int, default=None, help="Random seed, to send the same bookings again [default: time].")
 def produce(backend: str, count: int, rate: float | None, fault_rate: float, poison: int, seed: int | None) -> None:
     """Send COUNT valid bookings (plus --poison ones) to a backend, and say when the broker acknowledged them."""
@@ -197,4 +214,3 @@ def open_lab(ctx: click.Context) -> None:
     if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in args:
         args.append("--allow-root")  # containers and CI run as root; Jupyter refuses otherwise
     os.execv(sys.executable, args)
-

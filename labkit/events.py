@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 EVENTS = ("ready", "received", "started", "completed", "failed", "retried", "dead_lettered", "stopped")
 
 
+# One encoder for every line: json.dumps with non-default options builds a new encoder per call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 class EventLog:
     """Append-only JSON-lines log of one worker process.
 
@@ -50,7 +54,7 @@ class EventLog:
             "pid": self._pid,
             **fields,
         }
-        self._file.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        self._file.write(_encode(record) + "\n")
 
     def close(self) -> None:
         self._file.close()

@@ -1,19 +1,17 @@
 """Synchronous conveniences for notebooks and the CLI: one call per lesson step.
 
-The backends are asyncio code. A notebook cell may ``await`` them directly, but the
-CLI and most lesson cells are simpler without it, and Jupyter already runs an event
-loop in the kernel's thread. :func:`run` therefore runs a coroutine on a private loop
-in a helper thread, which works the same in a terminal, a test and a kernel.
+Every call here is synchronous: it runs the backends' coroutines on the one helper loop
+of :class:`LoopThread`, so it works the same in a terminal, a test and a kernel.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,16 +26,63 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _run_numbers = itertools.count(1)
-_runner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-sync")
 
 
-def run(coro: Awaitable[T]) -> T:
+class LoopThread:
+    """A daemon thread running an asyncio loop for the whole interpreter's life.
+
+    The backends are asyncio code, but the CLI and most lesson cells are simpler without
+    ``await``, and a notebook already runs a loop in its main thread (``asyncio.run`` would
+    refuse to start there). Running coroutines on a loop of our own works the same in a
+    script, a test and a kernel.
+
+    The WorkerPool also forks its workers from this thread, because PR_SET_PDEATHSIG is
+    tied to the thread that forks: this thread ends only when the interpreter does.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="labkit-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the helper loop and wait for its result."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a plain function on the helper thread and wait for its result."""
+
+        async def call() -> T:
+            return fn(*args, **kwargs)
+
+        return self.run(call())
+
+
+_loop_thread: LoopThread | None = None
+_loop_lock = threading.Lock()
+
+
+def loop_thread() -> LoopThread:
+    """The interpreter's one helper loop thread, started on first use."""
+    global _loop_thread
+    with _loop_lock:
+        if _loop_thread is None or not _loop_thread.thread.is_alive():
+            _loop_thread = LoopThread()
+        return _loop_thread
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion and return its result, even inside a running event loop."""
-
-    async def _main() -> T:
-        return await coro
-
-    return _runner.submit(asyncio.run, _main()).result()
+    return loop_thread().run(coro)
 
 
 def with_backend(

@@ -26,7 +26,6 @@ The pool never installs signal handlers: the process it runs in (an ipykernel) o
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -39,10 +38,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import weakref
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from labkit.config import Config, check_backend
 from labkit.errors import LabkitError
 from labkit.events import load_run
+from labkit.lab import loop_thread
 from labkit.workflow import WorkerSettings
 
 if TYPE_CHECKING:
@@ -155,59 +154,6 @@ def _terminate(workers: Iterable[_Worker], timeout: float) -> None:
             worker.proc.wait(timeout=5)  # reap, so no zombie is left behind
         except subprocess.TimeoutExpired:
             log.error("worker %s (pid %d) survived SIGKILL", worker.worker_id, worker.pid)
-
-
-# -- the helper thread: a private event loop, and the thread every worker is forked from -------
-
-
-class _LoopThread:
-    """A daemon thread running an asyncio loop for the whole interpreter's life.
-
-    The pool's API is synchronous, but the backends' stats are coroutines, and a notebook
-    already runs a loop in its main thread (``asyncio.run`` would refuse to start there).
-    Running them on a loop of our own works the same in a script, a test and a kernel.
-
-    Workers are forked from this thread too, because PR_SET_PDEATHSIG is tied to the
-    thread that forks: this thread ends only when the interpreter does.
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="labkit-pool", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the helper loop and wait for its result."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
-
-    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call a plain function on the helper thread and wait for its result."""
-
-        async def call() -> Any:
-            return fn(*args, **kwargs)
-
-        return self.run(call())
-
-
-_loop_thread: _LoopThread | None = None
-_loop_lock = threading.Lock()
-
-
-def _helper() -> _LoopThread:
-    global _loop_thread
-    with _loop_lock:
-        if _loop_thread is None or not _loop_thread.thread.is_alive():
-            _loop_thread = _LoopThread()
-        return _loop_thread
 
 
 @functools.cache
@@ -376,7 +322,7 @@ class WorkerPool:
         if self._stats_backend is not None:
             backend, self._stats_backend = self._stats_backend, None
             try:
-                _helper().run(backend.close(), timeout=5)
+                loop_thread().run(backend.close(), timeout=5)
             except Exception as e:  # closing a connection must not hide the stop itself
                 log.debug("closing the stats connection failed: %s", e)
 
@@ -435,7 +381,7 @@ class WorkerPool:
         ]
         with open(log_path, "ab") as log_file:
             # Forked from the helper thread: PR_SET_PDEATHSIG follows the forking thread.
-            proc = _helper().call(
+            proc = loop_thread().call(
                 subprocess.Popen,
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -484,7 +430,7 @@ class WorkerPool:
     def stats(self) -> dict[str, Any]:
         """The backend's counters (``completed``, ``dead_lettered``, ``retried``, ``duplicates``,
         ``backlog``, ``in_flight``, ...), as ``labkit stats`` shows them."""
-        return _helper().run(self._stats(), timeout=_STATS_CALL_TIMEOUT_S)
+        return loop_thread().run(self._stats(), timeout=_STATS_CALL_TIMEOUT_S)
 
     async def _stats(self) -> dict[str, Any]:
         # One connection for the pool's life: a Kafka client takes a while to get its metadata.

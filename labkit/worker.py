@@ -51,7 +51,9 @@ async def run_worker(
 
     def request_stop(signum: int) -> None:
         if stop.is_set():
-            log.warning("%s: second %s, stopping now without finishing in-flight work", worker_id, signal.Signals(signum).name)
+            log.warning(
+                "%s: second %s, stopping now without finishing in-flight work", worker_id, signal.Signals(signum).name
+            )
             events.emit("stopped", cold=True, signal=signal.Signals(signum).name)
             os._exit(EXIT_COLD_STOP)
         log.info("%s: finishing current bookings; signal again to force", worker_id)
@@ -88,24 +90,65 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
 
 @click.command("worker")
 @click.option("--backend", "-b", type=click.Choice(BACKENDS), required=True, help="Which queue to serve.")
-@click.option("--concurrency", "-c", type=click.IntRange(1, 1000), default=1, show_default=True,
-              help="Bookings processed at once inside this process.")
-@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
-              help="Deliveries of a failing booking before it is dead-lettered.")
-@click.option("--backoff-ms", type=click.IntRange(0, 600_000), default=200, show_default=True,
-              help="Delay before the first retry (BullMQ and Kafka double it per retry; Streams: claim idle time).")
-@click.option("--idempotent/--no-idempotent", default=True, show_default=True,
-              help="Apply each booking's effects once, however often it is delivered.")
-@click.option("--workflow", type=click.Choice(["booking", "noop"]), default="booking", show_default=True,
-              help="The five booking steps, or only validate-and-ack to measure the queue itself.")
-@click.option("--step-ms", type=click.FloatRange(0, 60_000), default=0.0, show_default=True,
-              help="Simulated I/O time of each workflow step.")
-@click.option("--cpu-ms", type=click.FloatRange(0, 60_000), default=0.0, show_default=True,
-              help="CPU-bound work per booking.")
-@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="Backend tuning, e.g. -o lock_duration_ms=5000 (BullMQ), -o max_poll_interval_ms=10000 (Kafka).")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run folder for the event log and effects [default: $LABKIT_HOME/runs/current].")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="Bookings processed at once inside this process.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Deliveries of a failing booking before it is dead-lettered.",
+)
+@click.option(
+    "--backoff-ms",
+    type=click.IntRange(0, 600_000),
+    default=200,
+    show_default=True,
+    help="Delay before the first retry (BullMQ and Kafka double it per retry; Streams: claim idle time).",
+)
+@click.option(
+    "--idempotent/--no-idempotent",
+    default=True,
+    show_default=True,
+    help="Apply each booking's effects once, however often it is delivered.",
+)
+@click.option(
+    "--workflow",
+    type=click.Choice(["booking", "noop"]),
+    default="booking",
+    show_default=True,
+    help="The five booking steps, or only validate-and-ack to measure the queue itself.",
+)
+@click.option(
+    "--step-ms",
+    type=click.FloatRange(0, 60_000),
+    default=0.0,
+    show_default=True,
+    help="Simulated I/O time of each workflow step.",
+)
+@click.option(
+    "--cpu-ms", type=click.FloatRange(0, 60_000), default=0.0, show_default=True, help="CPU-bound work per booking."
+)
+@click.option(
+    "--option",
+    "-o",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Backend tuning, e.g. -o lock_duration_ms=5000 (BullMQ), -o max_poll_interval_ms=10000 (Kafka).",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run folder for the event log and effects [default: $LABKIT_HOME/runs/current].",
+)
 @click.option("--worker-id", default=None, help="Name in the event log [default: backend-host-pid].")
 def worker_command(
     backend: str,

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """What the backend must do with a message after one workflow run."""
 
     COMPLETED = "completed"  # ack / commit: never redelivered

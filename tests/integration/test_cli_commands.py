@@ -37,9 +37,26 @@ def test_produce_worker_stats_reset(backend: str, lab_config: Config, tmp_path: 
 
     env = {**os.environ, **ns, "PYTHONPATH": str(ROOT)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "labkit", "worker", "--backend", backend, "--concurrency", "2",
-         "--backoff-ms", "100", "--run-dir", str(tmp_path), "--worker-id", "cli-w1"],
-        env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "labkit",
+            "worker",
+            "--backend",
+            backend,
+            "--concurrency",
+            "2",
+            "--backoff-ms",
+            "100",
+            "--run-dir",
+            str(tmp_path),
+            "--worker-id",
+            "cli-w1",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60

@@ -69,7 +69,9 @@ def test_bad_messages_name_the_rule(payload: str | bytes, reason: str) -> None:
     assert reason in caught.value.reason
 
 
-@pytest.mark.parametrize("missing", ["booking_id", "user_id", "hotel_id", "check_in", "check_out", "guests", "amount_cents"])
+@pytest.mark.parametrize(
+    "missing", ["booking_id", "user_id", "hotel_id", "check_in", "check_out", "guests", "amount_cents"]
+)
 def test_every_required_field_is_required(missing: str) -> None:
     data = dict(VALID)
     del data[missing]

@@ -45,7 +45,9 @@ def _fenced_command(marker: str) -> str:
 
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    commands = [line for line in ci if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    commands = [
+        line for line in ci if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))
+    ]
     assert commands == [_fenced_command("test-command")]
 
 
