@@ -160,14 +160,20 @@ def status_frame(config: Config | None = None) -> pd.DataFrame:
     from labkit import stack
 
     rows = [s.to_dict() for s in stack.Stack(config or Config.from_env()).status()]
-    return pd.DataFrame(rows).set_index("service")
+    return pd.DataFrame(rows).set_index("service")[["address", "kind", "healthy", "started_by"]]
+
+
+STATS_COLUMNS = ["completed", "dead_lettered", "retried", "duplicates", "in_flight", "backlog"]
 
 
 def stats_frame(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """Stats of several backends side by side, one row per backend, CONTRACT.md's counters first."""
+    """CONTRACT.md's counters of several backends side by side, one row per backend.
+
+    Each backend's own detail (job states, pending per consumer, lag per partition) stays in
+    the dicts that :func:`stats` returns.
+    """
     import pandas as pd
 
-    columns = ["completed", "dead_lettered", "retried", "duplicates", "in_flight", "backlog"]
-    frame = pd.DataFrame.from_dict(results, orient="index")
+    frame = pd.DataFrame.from_dict(results, orient="index")[STATS_COLUMNS]
     frame.index.name = "backend"
-    return frame[[c for c in columns if c in frame] + [c for c in frame if c not in columns and c != "backend"]]
+    return frame

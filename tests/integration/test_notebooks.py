@@ -19,10 +19,6 @@ from labkit.config import Config
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
-#: Small parameters for CI; a learner runs the defaults in each notebook's parameters cell.
-CI_PARAMETERS: dict[str, dict[str, Any]] = {
-    "00-welcome": {},
-}
 
 
 def _worker_processes(home: Path) -> list[str]:
@@ -58,11 +54,13 @@ def _check_lines(executed: Path) -> list[str]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]-*.ipynb")))
 def test_notebook_runs_top_to_bottom(name: str, lab_stack: Any, tmp_path: Path) -> None:
-    assert name in CI_PARAMETERS, f"add CI parameters for {name} to CI_PARAMETERS"
-    parameters = {"NAMESPACE": f"nb{uuid.uuid4().hex[:6]}-", **CI_PARAMETERS[name]}
+    source = NOTEBOOKS / f"{name}.ipynb"
+    # Small parameters for CI live in the notebook's metadata; a learner runs the parameters cell's defaults.
+    ci_parameters = nbformat.read(source, as_version=4).metadata["labkit"]["ci_parameters"]
+    parameters = {"NAMESPACE": f"nb{uuid.uuid4().hex[:6]}-", **ci_parameters}
     executed = tmp_path / f"{name}.ipynb"
     papermill.execute_notebook(
-        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(source),
         str(executed),
         parameters=parameters,
         cwd=str(NOTEBOOKS),
