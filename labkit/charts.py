@@ -19,12 +19,13 @@ WORKFLOW_STEPS = (
 def workflow_diagram(ax: Axes | None = None) -> Axes:
     """The five booking steps as boxes and arrows, each with the effect it leaves behind."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     if ax is None:
         _, ax = plt.subplots(figsize=(11, 2.4))
     for i, (step, effect) in enumerate(WORKFLOW_STEPS):
         x = i * 2.2
-        ax.add_patch(plt.Rectangle((x, 0.55), 1.8, 0.8, facecolor="#dbe9f6", edgecolor="#2b5d8a"))
+        ax.add_patch(Rectangle((x, 0.55), 1.8, 0.8, facecolor="#dbe9f6", edgecolor="#2b5d8a"))
         ax.text(x + 0.9, 0.95, step, ha="center", va="center", fontsize=10, weight="bold")
         ax.text(x + 0.9, 0.2, effect, ha="center", va="center", fontsize=8, color="#444444")
         if i:

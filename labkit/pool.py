@@ -107,7 +107,7 @@ class _Worker:
     """The pool's mutable record of one process; kept apart from the pool so the finalizer can reach it."""
 
     worker_id: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[Any]
     log_path: Path
     events_path: Path
     stopped_by_pool: bool = False

@@ -102,7 +102,7 @@ class WorkerSettings:
 
     def backoff_for(self, attempt: int) -> float:
         """Seconds to wait before delivery ``attempt + 1`` under exponential backoff."""
-        return self.backoff_ms / 1000.0 * (2 ** (attempt - 1))
+        return self.backoff_ms / 1000.0 * 2.0 ** (attempt - 1)
 
 
 class PaymentFailed(Exception):
