@@ -123,3 +123,29 @@ def test_kafka_down_is_one_line(lab_stack: object) -> None:
 def test_bad_arguments_are_one_line(args: tuple[str, ...], complaint: str) -> None:
     line = assert_one_line_error(run_labkit(*args), code=2)
     assert complaint in line
+
+
+@pytest.mark.timeout(60)
+def test_lab_starts_the_stack_and_serves_the_notebooks(lab_stack: object, tmp_path: Path) -> None:
+    """The README's first command ends in `labkit lab`: stack healthy, then JupyterLab on notebooks/."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JUPYTER_RUNTIME_DIR": str(tmp_path)}
+    lab = subprocess.Popen(
+        [sys.executable, "-m", "labkit", "lab", "--no-browser", "--port", "18899", "--ServerApp.port_retries=0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        seen: list[str] = []
+        assert lab.stdout is not None
+        for line in lab.stdout:
+            seen.append(line)
+            if "Serving notebooks from local directory" in line:
+                break
+        assert seen[0].startswith("redis") and "healthy" in seen[0], seen[:3]
+        assert seen[-1].rstrip().endswith(str(ROOT / "notebooks")), seen[-3:]
+    finally:
+        os.killpg(lab.pid, signal.SIGTERM)
+        lab.wait(timeout=20)
