@@ -414,6 +414,9 @@ class KafkaBackend(Backend):
             ConfigError: ``max_poll_interval_ms`` is below the session timeout.
         """
         await self._ensure_setup()
+        # Create the producer now: it connects and gets its idempotent producer id in the background, so
+        # the first retry or dead letter does not hold its partition for the ~0.5 s that takes.
+        self._get_producer()
         self._consuming += 1
         try:
             await _GroupMember(self, handler, stop).run()
