@@ -141,6 +141,11 @@ def _fault(obj: dict[str, Any]) -> Fault:
     )
 
 
+def _not_json(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity``: Python's json module reads them, but they are not JSON."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_booking(payload: bytes | str) -> Booking:
     """Decode and validate one message.
 
@@ -167,7 +172,7 @@ def parse_booking(payload: bytes | str) -> Booking:
     if _nesting_depth(text) > MAX_NESTING:
         raise BadMessage(f"message nests deeper than {MAX_NESTING} levels")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError) as e:
         raise BadMessage(f"message is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -203,8 +208,16 @@ def _event_kind(seq: int, events: int) -> str:
 
 
 def booking_id_of(payload: bytes | str) -> str | None:
-    """Best-effort ``booking_id`` of a message that may be invalid, for dead-letter bookkeeping."""
+    """Best-effort ``booking_id`` of a message that may be invalid, for dead-letter bookkeeping.
+
+    Bounded like :func:`parse_booking`: workers call this on every message before validating it
+    (for the event log), so an oversized or deeply nested payload must not be parsed here either.
+    """
+    if len(payload) > MAX_MESSAGE_BYTES:
+        return None
     try:
+        if _nesting_depth(payload if isinstance(payload, str) else payload.decode("utf-8")) > MAX_NESTING:
+            return None
         obj = json.loads(payload)
     except (ValueError, RecursionError, UnicodeDecodeError):
         return None

@@ -214,3 +214,99 @@ def open_lab(ctx: click.Context) -> None:
     if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in args:
         args.append("--allow-root")  # containers and CI run as root; Jupyter refuses otherwise
     os.execv(sys.executable, args)
+
+
+@cli.group()
+def drill() -> None:
+    """Reliability drills: inject a fault into a real run and audit every booking (see docs/drills.md).
+
+    Each drill prints one summary line and exits 1 if the lab broke its promise (a lost booking, a crashed worker,
+    a double effect with idempotency on). Run one drill at a time: they start real worker processes.
+    """
+
+
+_csv_option = click.option(
+    "--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Append the result here."
+)
+
+
+def _report(result: Any, csv_path: Path | None) -> None:
+    """Print the summary line (and the detail), append to the CSV, and fail the command if the drill failed."""
+    from labkit.drills import results_frame
+
+    click.echo(result.summary())
+    click.echo(f"detail: {json.dumps(result.detail, default=str, sort_keys=True)}")
+    if csv_path is not None:
+        results_frame([result]).to_csv(csv_path, mode="a", header=not csv_path.exists(), index=False)
+    if not result.ok:
+        raise click.ClickException(f"drill {result.drill} on {result.backend} failed: {result.summary()}")
+
+
+@drill.command("worker-kills")
+@_backend_option
+@click.option("--seconds", type=click.FloatRange(5, 3600), default=20.0, show_default=True, help="Producer run time.")
+@click.option("--workers", type=click.IntRange(1, 16), default=3, show_default=True)
+@click.option("--rate", type=click.FloatRange(1, 5000), default=40.0, show_default=True, help="Bookings per second.")
+@click.option("--idempotent/--no-idempotent", default=True, show_default=True, help="Guard effects per booking.")
+@click.option("--seed", type=int, default=None, help="Seed of the kill schedule.")
+@_csv_option
+def drill_worker_kills(
+    backend: str, seconds: float, workers: int, rate: float, idempotent: bool, seed: int | None, csv_path: Path | None
+) -> None:
+    """SIGKILL random workers (and replace them) while a producer runs; 0 lost, double effects counted."""
+    from labkit import drills
+
+    _report(drills.worker_kills(backend, seconds, workers, rate, idempotent, seed=seed), csv_path)
+
+
+@drill.command("redis-restart")
+@click.option("--backend", "-b", type=click.Choice(["bullmq", "streams"]), required=True, help="bullmq or streams.")
+@click.option("--seconds", type=click.FloatRange(4, 3600), default=16.0, show_default=True, help="Producer run time.")
+@click.option("--hard", is_flag=True, help="SIGKILL Redis (a crash) instead of SIGTERM.")
+@_csv_option
+def drill_redis_restart(backend: str, seconds: float, hard: bool, csv_path: Path | None) -> None:
+    """Restart a private Redis (AOF on, own ports and folder) mid-run; workers must carry on, 0 lost."""
+    from labkit import drills
+
+    _report(drills.redis_restart(backend, seconds, hard=hard), csv_path)
+
+
+@drill.command("kafka-restart")
+@click.option("--seconds", type=click.FloatRange(4, 3600), default=30.0, show_default=True, help="Producer run time.")
+@_csv_option
+def drill_kafka_restart(seconds: float, csv_path: Path | None) -> None:
+    """Restart a private embedded broker mid-run and report what its memory-only storage lost."""
+    from labkit import drills
+
+    _report(drills.kafka_restart(seconds), csv_path)
+
+
+@drill.command("bad-input")
+@_backend_option
+@_csv_option
+def drill_bad_input(backend: str, csv_path: Path | None) -> None:
+    """Send 200+ malformed messages between valid bookings; each must be dead-lettered with a reason."""
+    from labkit import drills
+
+    _report(drills.bad_input(backend), csv_path)
+
+
+@drill.command("slow-consumer")
+@_backend_option
+@click.option("--unprotected", is_flag=True, help="Turn the protection off to see the duplicates it prevents.")
+@_csv_option
+def drill_slow_consumer(backend: str, unprotected: bool, csv_path: Path | None) -> None:
+    """Handlers slower than the lock, claim idle time or max.poll.interval.ms: duplicates with and without help."""
+    from labkit import drills
+
+    _report(drills.slow_consumer(backend, protected=not unprotected), csv_path)
+
+
+@drill.command("process-hygiene")
+@_backend_option
+@_csv_option
+def drill_process_hygiene(backend: str, csv_path: Path | None) -> None:
+    """SIGKILL a pool's parent process (a kernel restart); its workers must be gone within 5 s."""
+    from labkit import drills
+
+    _report(drills.process_hygiene(backend), csv_path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -114,10 +115,23 @@ def job_data(message: Message) -> Any:
     else:
         text = message
     try:
-        decoded = json.loads(text)
+        # NaN, Infinity and 1e999 are Python JSON but not JSON: BullMQ's strict json.dumps of the
+        # job data would raise on them, so such a message travels as its own text, to be dead-lettered.
+        decoded = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         return text
     return decoded if isinstance(decoded, dict) else text
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def wire_payload(data: Any) -> str | bytes:

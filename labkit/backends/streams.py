@@ -69,6 +69,13 @@ MIN_CLAIM_IDLE_MS = 100
 MAX_RECLAIM_EVERY_S = 0.5
 #: Upper bound of XAUTOCLAIM COUNT (Redis scans at most 10 x COUNT pending entries per call).
 CLAIM_PAGE = 100
+#: A consumer that lost Redis after working with it keeps trying this long before giving up (BrokerUnavailable):
+#: a restarted Redis reloads its AOF and answers again within a second or two, and the entries and pending
+#: lists survive it, so waiting is all a worker has to do. redis-py alone does not bridge it: a command that
+#: needs a new connection while the server is down fails at once, without its retries.
+RECONNECT_GRACE_S = 30.0
+#: Pause between two attempts while Redis is away.
+RECONNECT_PAUSE_S = 0.2
 
 Fields = dict[bytes, bytes]
 
@@ -165,8 +172,11 @@ class StreamsBackend(Backend):
         acknowledged, then this returns. Entries left pending (retries waiting for their
         idle time) stay in this consumer's PEL for any consumer to claim.
 
+        A Redis that goes away after the consumer started (a restart) is waited for, up to
+        ``RECONNECT_GRACE_S``: unacknowledged entries stay pending in Redis and are claimed again.
+
         Raises:
-            BrokerUnavailable: Redis stopped answering.
+            BrokerUnavailable: Redis does not answer at start, or stopped answering for ``RECONNECT_GRACE_S``.
             ConfigError: a bad ``heartbeat`` option.
         """
         run = _ConsumerRun(self, handler, stop)
@@ -286,6 +296,10 @@ class _ConsumerRun:
         self.cursor = "0-0"
         self.failure: BaseException | None = None
         self.counts = {"completed": 0, "retried": 0, "dead_lettered": 0, "claimed": 0}
+        #: Redis answered this consumer at least once (only then is a lost connection worth waiting out).
+        self.seen_redis = False
+        #: Monotonic time Redis stopped answering, None while it answers.
+        self.down_since: float | None = None
 
     async def run(self) -> None:
         acker = asyncio.create_task(self._acker())
@@ -333,6 +347,11 @@ class _ConsumerRun:
                     next_claim = time.monotonic() + self.reclaim_every if walked else 0.0
                 else:
                     await self._read(block_ms=max(1, min(READ_BLOCK_MS, int((next_claim - now) * 1000))))
+                self._redis_answered()
+            except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
+                if not self._redis_lost(e):
+                    raise
+                await asyncio.sleep(RECONNECT_PAUSE_S)
             except ResponseError as e:
                 # NOGROUP: the stream or group was deleted (purge, `labkit reset`); Redis 7 answers a
                 # read that was blocked at that moment with UNBLOCKED, Valkey with NOGROUP.
@@ -443,7 +462,8 @@ class _ConsumerRun:
             self.to_ack.append(entry_id)
             self.ack_wanted.set()
         except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
-            self.failure = e
+            # Not acknowledged, so still pending in Redis: claimed again (here or elsewhere) once it is back.
+            log.warning("%s: lost Redis while on entry %s (%s); it stays pending", self.me, entry_id, e)
             self.held.pop(entry_id, None)
         except Exception:
             # A bug, not a verdict: leave the entry pending so it is claimed and tried again.
@@ -477,8 +497,13 @@ class _ConsumerRun:
                 try:
                     await self.redis.xack(self.stream, self.group, *ids)
                 except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
-                    self.failure = e
-                    return
+                    self.to_ack[:0] = ids  # acknowledge them once Redis is back
+                    if not self._redis_lost(e):
+                        self.failure = e
+                        return
+                    await asyncio.sleep(RECONNECT_PAUSE_S)
+                    self.ack_wanted.set()
+                    continue
                 for entry_id in ids:
                     self.held.pop(entry_id, None)
             if self.closing and not self.to_ack:
@@ -505,12 +530,36 @@ class _ConsumerRun:
             log.debug("%s: heartbeat of %s failed: %s", self.me, entry_ids, e)
             return
         except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
-            self.failure = e
+            # The fetch loop and the acker wait for Redis; a touch that missed only risks a duplicate.
+            log.debug("%s: heartbeat of %s failed: %s", self.me, entry_ids, e)
             return
         now = time.monotonic()
         for entry_id in entry_ids:
             if entry_id in self.held:
                 self.held[entry_id] = now
+
+    def _redis_lost(self, error: Exception) -> bool:
+        """Note a lost connection; True while it is worth waiting for Redis to come back.
+
+        Only a consumer that has worked with this Redis waits (a restart), and for at most
+        ``RECONNECT_GRACE_S``; one that never reached it fails at once, as at start-up.
+        """
+        if not self.seen_redis:
+            return False
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("%s: lost Redis (%s); trying again for up to %g s", self.me, error, RECONNECT_GRACE_S)
+            self.handler.events.emit("broker_lost", error=str(error))
+        return now - self.down_since < RECONNECT_GRACE_S
+
+    def _redis_answered(self) -> None:
+        self.seen_redis = True
+        if self.down_since is not None:
+            down = time.monotonic() - self.down_since
+            self.down_since = None
+            log.warning("%s: Redis is back after %.1f s", self.me, down)
+            self.handler.events.emit("broker_back", down_s=round(down, 3))
 
     async def _forget_me_if_idle(self) -> None:
         """Remove this consumer from the group if it holds nothing, so XINFO CONSUMERS lists only useful names.
