@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from labkit.backends import get_backend
 from labkit.booking import BookingGenerator
 from labkit.config import Config
 from labkit.events import load_run
-from labkit.lab import loop_thread
+from labkit.lab import loop_thread, reset
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
@@ -117,7 +117,7 @@ def assignment_log(events: pd.DataFrame) -> pd.DataFrame:
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
-    kafka = events[events["event"].isin(_ASSIGNMENT_EVENTS)]
+    kafka = events[events["event"].isin(_ASSIGNMENT_EVENTS) & (events["backend"] == "kafka")]
     if "partitions" not in kafka:
         return pd.DataFrame(columns=["mono", "worker", "event", "topic", "partition"])
     for record in kafka.itertuples():
@@ -140,11 +140,13 @@ def _is_retry(topic: str) -> bool:
 def owned_at(events: pd.DataFrame, at: float | None = None) -> dict[str, set[tuple[str, int]]]:
     """Which ``(topic, partition)`` each Kafka worker holds at monotonic time ``at`` [default: the end of the log].
 
-    Replays ``assigned``/``revoked`` events in order. A worker that has stopped by then
+    Replays the Kafka workers' ``assigned``/``revoked`` events in order (other backends'
+    events are ignored: their ``w1`` is another process). A worker that has stopped by then
     holds nothing, and only workers that received an assignment (even an empty one) appear.
     """
     import pandas as pd
 
+    events = events[events["backend"] == "kafka"]
     log = assignment_log(events)
     if at is not None:
         log = log[log["mono"] <= at]
@@ -166,16 +168,28 @@ def owned_at(events: pd.DataFrame, at: float | None = None) -> dict[str, set[tup
     return held
 
 
+def last_completed(events: pd.DataFrame) -> float | None:
+    """Monotonic time of the last ``completed`` event: a moment when the workers were still group members."""
+    done = events.loc[events["event"] == "completed", "mono"]
+    return float(done.max()) if len(done) else None
+
+
 def assignment_table(events: pd.DataFrame, at: float | None = None) -> pd.DataFrame:
     """The Kafka group's assignment at ``at``, one row per worker, as ``describe_consumer_groups`` would show it.
 
-    Columns: ``partitions`` (of the work topic), ``retry partitions`` (the delayed-retry
-    topic, assigned alongside), ``bookings`` (completed by that worker over the whole log)
-    and ``idle`` (a member with no partition of the work topic).
+    Args:
+        events: a run's events.
+        at: a monotonic time [default: the last completed booking, while the workers were
+            still members; after a pool has stopped, the end of the log has no members left].
+
+    Returns:
+        one row per member: ``partitions`` (of the work topic), ``retry partitions`` (the
+        delayed-retry topic, assigned alongside), ``bookings`` (completed by that worker over
+        the whole log) and ``idle`` (a member with no partition of the work topic).
     """
     import pandas as pd
 
-    held = owned_at(events, at)
+    held = owned_at(events, at if at is not None else last_completed(events))
     kafka = events[events["backend"] == "kafka"]
     done = kafka[kafka["event"] == "completed"]["worker"].map(worker_label).value_counts()
     rows = []
@@ -196,6 +210,24 @@ def assignment_table(events: pd.DataFrame, at: float | None = None) -> pd.DataFr
     )
 
 
+def partition_sizes(locations: Iterable[str]) -> dict[int, int]:
+    """Bookings per partition, from the ``topic/partition/offset`` locations Kafka's produce returned."""
+    sizes: dict[int, int] = {}
+    for location in locations:
+        partition = int(location.split("/")[-2])
+        sizes[partition] = sizes.get(partition, 0) + 1
+    return dict(sorted(sizes.items()))
+
+
+def shares_follow_partitions(table: pd.DataFrame, locations: Iterable[str]) -> bool:
+    """True if every Kafka worker in ``table`` completed exactly the bookings produced to its partitions."""
+    sizes = partition_sizes(locations)
+    return all(
+        bookings == sum(sizes.get(p, 0) for p in owned)
+        for owned, bookings in zip(table["partitions"], table["bookings"], strict=True)
+    )
+
+
 def each_partition_owned_once(table: pd.DataFrame, partitions: int) -> bool:
     """True if partitions ``0 .. partitions-1`` of the work topic each have exactly one owner in ``table``."""
     owners = [p for owned in table["partitions"] for p in owned]
@@ -208,9 +240,10 @@ def settled(events: pd.DataFrame, live_workers: Iterable[str], partitions: int) 
     During an eager rebalance every member has revoked its partitions, so the owners do
     not cover the topic; before a newcomer's first assignment it is missing from the table.
     """
-    table = assignment_table(events)
+    held = owned_at(events)
     live = {worker_label(w) for w in live_workers}
-    return live <= set(table.index) and each_partition_owned_once(table.loc[sorted(live)], partitions)
+    owners = sorted(p for worker in live for t, p in held.get(worker, ()) if not _is_retry(t))
+    return live <= set(held) and owners == list(range(partitions))
 
 
 def wait_for_assignment(pool: WorkerPool, partitions: int = 3, timeout: float = 60) -> pd.DataFrame:
@@ -233,9 +266,10 @@ def wait_for_assignment(pool: WorkerPool, partitions: int = 3, timeout: float = 
         events = pool.events()
         live = [w.worker_id for w in pool.workers if w.alive]
         if settled(events, live, partitions):
-            return assignment_table(events)
+            return assignment_table(events, at=float("inf"))
         if time.monotonic() > deadline:
-            raise TimeoutError(f"Kafka group not settled after {timeout:g} s: {assignment_table(events).to_dict()}")
+            held = {w: sorted(parts) for w, parts in owned_at(events).items()}
+            raise TimeoutError(f"Kafka group not settled after {timeout:g} s; partitions held: {held}")
         time.sleep(_ASSIGNMENT_POLL_S)
 
 
@@ -252,28 +286,54 @@ class JoinLeave:
         moments: ``backend, action, mono, workers``: ``start`` (production began), ``join`` (a
             worker was started) and ``leave`` (the newest worker was asked to stop), with the
             number of workers asked for.
-        sent: booking ids produced per backend.
+        sent: the booking ids produced, the same on every backend.
     """
 
     run_dir: Path
     events: pd.DataFrame
     moments: pd.DataFrame
-    sent: dict[str, list[str]]
+    sent: list[str]
 
 
 async def _produce_at_rate(
-    backend: str, config: Config, bookings: Sequence[dict[str, Any]], rate: float, start: float, sent: list[int]
+    backend: str,
+    config: Config,
+    bookings: Sequence[dict[str, Any]],
+    rate: float,
+    start: float,
+    sent: list[int],
+    limit: list[int | None],
 ) -> None:
-    """Send ``bookings`` at ``rate`` per second from monotonic ``start``, on one connection; count them in ``sent``."""
+    """Send ``bookings`` at ``rate`` per second from monotonic ``start``, on one connection.
+
+    ``sent[0]`` counts what was sent; production stops once ``limit[0]`` (set by the caller,
+    the same for every backend) bookings are out, or the list is exhausted.
+    """
     async with get_backend(backend)(config) as connected:
         i = 0
-        while i < len(bookings):
+        while i < len(bookings) and (limit[0] is None or i < limit[0]):
             due = min(len(bookings), int((time.monotonic() - start) * rate) + 1)
+            if limit[0] is not None:
+                due = min(due, limit[0])
             if due > i:
                 await connected.produce(bookings[i:due])
                 sent[0] += due - i
                 i = due
             await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+
+
+def _newcomers_busy(events: pd.DataFrame, newcomers: Iterable[str]) -> bool:
+    """True once every worker in ``newcomers`` has completed a booking."""
+    done = set(events.loc[events["event"] == "completed", "worker"])
+    return set(newcomers) <= done
+
+
+def _kafka_settled(pools: dict[str, WorkerPool], events: pd.DataFrame) -> bool:
+    pool = pools.get("kafka")
+    if pool is None:
+        return True
+    live = [w.worker_id for w in pool.workers if w.alive]
+    return settled(events, live, int(pool.settings.option("partitions", 3)))
 
 
 def join_and_leave(
@@ -285,15 +345,23 @@ def join_and_leave(
     phase_s: float = 8.0,
     settings: WorkerSettings | None = None,
     seed: int = 1,
+    settle_timeout: float = 60,
     drain_timeout: float = 120,
 ) -> JoinLeave:
-    """Produce at a steady rate for three phases: ``workers`` workers, one more, and back to ``workers``.
+    """Produce at a steady rate through three phases: ``workers`` workers, one more, and back to ``workers``.
 
     All backends run at the same time, each with its own pool and producer, so their
-    timelines share one clock. After ``phase_s`` seconds each pool scales up by one
-    (``pool.scale``), after ``2 * phase_s`` back down (the newest worker is warm-stopped);
-    production ends after ``3 * phase_s`` and the pools drain. Progress is a tqdm bar of
-    bookings sent. Reset the backends first: expected counts start from zero.
+    timelines share one clock and every backend gets the same bookings. After ``phase_s``
+    seconds each pool scales up by one (``pool.scale``). The leave (the newest worker is
+    warm-stopped) comes ``phase_s`` seconds later, but not before every newcomer has
+    completed a booking and the Kafka group has settled; production ends ``phase_s`` after
+    the leave, once the Kafka group has settled again. So a slow rebalance (a loaded
+    machine) stretches a phase instead of hiding the join. Progress: a tqdm bar of bookings sent.
+
+    Each backend is reset first: the drain waits for the run's bookings from zero, and on
+    the embedded broker a consumer group whose members all left at once (an earlier pool's
+    stop) can keep a departed member as its leader and never assign partitions again;
+    ``reset`` deletes the group.
 
     Args:
         backends: which backends to run side by side.
@@ -301,17 +369,21 @@ def join_and_leave(
         run_dir: where every pool writes its events.
         workers: workers before the join and after the leave.
         rate: bookings per second per backend; keep it below what ``workers`` workers handle.
-        phase_s: seconds of each phase.
+        phase_s: seconds of each phase, at least.
         settings: the workers' settings.
         seed: seed of the bookings.
+        settle_timeout: seconds a phase may be stretched while waiting for the newcomers and Kafka.
         drain_timeout: seconds each backend may take to finish after production ends.
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
-    count = int(rate * phase_s * 3)
-    bookings = {b: BookingGenerator(seed=seed, prefix=f"jl{i}").bookings(count) for i, b in enumerate(backends)}
+    for backend in backends:
+        reset(backend, config)
+    most = int(rate * (3 * phase_s + 2 * settle_timeout)) + 1  # enough for the longest possible run
+    bookings = BookingGenerator(seed=seed, prefix="join").bookings(most)
     moments: list[dict[str, Any]] = []
+    limit: list[int | None] = [None]
     with contextlib.ExitStack() as stack:
         pools = {b: stack.enter_context(WorkerPool(b, config, settings, run_dir=run_dir)) for b in backends}
         for pool in pools.values():
@@ -322,27 +394,43 @@ def join_and_leave(
         counters = {b: [0] for b in backends}
         producers = [
             asyncio.run_coroutine_threadsafe(
-                _produce_at_rate(b, config, bookings[b], rate, start, counters[b]), loop_thread().loop
+                _produce_at_rate(b, config, bookings, rate, start, counters[b], limit), loop_thread().loop
             )
             for b in backends
         ]
         moments += [{"backend": b, "action": "start", "mono": start, "workers": workers} for b in backends]
-        with tqdm(total=count * len(backends), desc="bookings sent", unit="booking") as bar:
-            for phase, (action, n) in enumerate((("join", workers + 1), ("leave", workers), (None, 0)), start=1):
-                while time.monotonic() < start + phase * phase_s and not all(f.done() for f in producers):
+        with tqdm(total=int(rate * 3 * phase_s) * len(backends), desc="bookings sent", unit="booking") as bar:
+
+            def wait(until: float, ready: Callable[[pd.DataFrame], bool]) -> None:
+                """Until ``until`` has passed and ``ready(events)`` holds (at most settle_timeout longer)."""
+                while time.monotonic() < until + settle_timeout:
                     bar.update(sum(c[0] for c in counters.values()) - bar.n)
+                    if time.monotonic() >= until and ready(load_run(run_dir)):
+                        return
                     time.sleep(_PROGRESS_POLL_S)
-                if action is None:
-                    break
-                for backend, pool in pools.items():
-                    moments.append({"backend": backend, "action": action, "mono": time.monotonic(), "workers": n})
-                    pool.scale(n)
+
+            wait(start + phase_s, lambda events: True)
+            for backend, pool in pools.items():
+                moments.append({"backend": backend, "action": "join", "mono": time.monotonic(), "workers": workers + 1})
+                pool.scale(workers + 1)
+            newcomers = [pool.workers[-1].worker_id for pool in pools.values()]
+            wait(
+                moments[-1]["mono"] + phase_s,
+                lambda events: _newcomers_busy(events, newcomers) and _kafka_settled(pools, events),
+            )
+            for backend, pool in pools.items():
+                moments.append({"backend": backend, "action": "leave", "mono": time.monotonic(), "workers": workers})
+                pool.scale(workers)
+            wait(moments[-1]["mono"] + phase_s, lambda events: _kafka_settled(pools, events))
+            limit[0] = min(len(bookings), int((time.monotonic() - start) * rate) + 1)
             for producer in producers:
                 producer.result()
-            bar.update(sum(c[0] for c in counters.values()) - bar.n)
-        for backend, pool in pools.items():
+            bar.total = bar.n = sum(c[0] for c in counters.values())
+            bar.refresh()
+        count = limit[0]
+        for pool in pools.values():
             pool.wait_until_drained(timeout=drain_timeout, expected=count)
-    sent = {b: [booking["booking_id"] for booking in bookings[b]] for b in backends}
+    sent = [booking["booking_id"] for booking in bookings[:count]]
     return JoinLeave(run_dir, load_run(run_dir), pd.DataFrame(moments), sent)
 
 
@@ -414,6 +502,53 @@ def rebalance_seconds(events: pd.DataFrame, since: float, until: float) -> float
     return float(assigned.max() - revoked.min()) if len(assigned) else float("nan")
 
 
+def eager_rebalance(run: JoinLeave) -> bool:
+    """True if, in Kafka's rebalance after the join, every old member gave back every partition it held.
+
+    That is the eager protocol (``range``, ``roundrobin``): stop everything, then reassign.
+    Under ``cooperative-sticky`` only the partitions that change owner would be revoked.
+    """
+    kafka = run.events[run.events["backend"] == "kafka"]
+    join, leave = _moment(run.moments, "kafka", "join"), _moment(run.moments, "kafka", "leave")
+    if join is None or leave is None:
+        return False
+    before = owned_at(kafka, join)
+    log = assignment_log(kafka)
+    window = log[(log["mono"] >= join) & (log["mono"] <= leave) & (log["event"] == "revoked")]
+    revoked: dict[str, set[tuple[str, int]]] = {}
+    for record in window.dropna(subset=["partition"]).itertuples():
+        revoked.setdefault(record.worker, set()).add((str(record.topic), int(record.partition)))
+    held = {worker: parts for worker, parts in before.items() if parts}
+    return bool(held) and all(parts <= revoked.get(worker, set()) for worker, parts in held.items())
+
+
+def unowned_spans(events: pd.DataFrame, partitions: int = 3) -> list[tuple[float, float]]:
+    """Monotonic ``(start, end)`` stretches in which some Kafka work partition had no owner.
+
+    Only after the group first owned every partition, and up to the last completed booking:
+    the pool's final stop is not a rebalance. During an eager rebalance this is the time
+    from the first revoked partition to the last one assigned again.
+    """
+    end = last_completed(events)
+    changes = events[events["event"].isin([*_ASSIGNMENT_EVENTS, "stopped"])]["mono"]
+    spans: list[tuple[float, float]] = []
+    covered_once, since = False, None
+    for at in sorted(set(changes)):
+        if end is not None and at > end:
+            break
+        owners = {p for parts in owned_at(events, at).values() for t, p in parts if not _is_retry(t)}
+        full = owners >= set(range(partitions))
+        if full and since is not None:
+            spans.append((since, at))
+            since = None
+        elif not full and covered_once and since is None:
+            since = at
+        covered_once = covered_once or full
+    if since is not None and end is not None:
+        spans.append((since, end))
+    return spans
+
+
 def owners_by_phase(run: JoinLeave, partitions: int = 3) -> pd.DataFrame:
     """Owner of each Kafka work partition at the end of each phase: before the join, after it, after the leave."""
     import pandas as pd
@@ -427,9 +562,7 @@ def owners_by_phase(run: JoinLeave, partitions: int = 3) -> pd.DataFrame:
     phases = {"before the join": join, "after the join": leave, "after the leave": float(done.max())}
     rows = {}
     for phase, at in phases.items():
-        owner = {
-            p: worker for worker, parts in owned_at(kafka, at).items() for t, p in parts if not _is_retry(t)
-        }
+        owner = {p: worker for worker, parts in owned_at(kafka, at).items() for t, p in parts if not _is_retry(t)}
         rows[phase] = [owner.get(p, "-") for p in range(partitions)]
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=[f"partition {p}" for p in range(partitions)])
     frame.index.name = "owner at the end of"
@@ -477,6 +610,11 @@ def plot_timeline(run: JoinLeave, backend: str, ax: Axes | None = None) -> Axes:
         ax.scatter(mine["mono"] - start, [row[label]] * len(mine), s=6, color=worker_color(label), zorder=3)
     if backend == "kafka":
         _shade_ownership(events, start, row, ax)
+        for i, (since, until) in enumerate(unowned_spans(events)):
+            legend = "a partition has no owner" if i == 0 else None
+            ax.axvspan(since - start, until - start, color="#f4c7c3", alpha=0.6, zorder=0, label=legend)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
     for action, style in (("join", "--"), ("leave", ":")):
         at = _moment(run.moments, backend, action)
         if at is not None:

@@ -368,8 +368,14 @@ def _write_new(folder: Path, booking_id: str, suffix: str, text: str, idempotent
 
 
 def _burn_cpu(ms: float) -> None:
-    deadline = time.perf_counter() + ms / 1000.0
-    while time.perf_counter() < deadline:
+    """Keep one core busy for ``ms`` of this thread's CPU time.
+
+    CPU time, not wall time: with more busy processes than cores each one gets a share of a
+    core, and its booking must take longer, as real CPU-bound work does. A wall-clock loop
+    would finish on time however little CPU it got, and scale like a sleep.
+    """
+    deadline = time.thread_time() + ms / 1000.0
+    while time.thread_time() < deadline:
         pass
 
 
