@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+
+import pytest
+
+from labkit.backends import Backend
+from labkit.events import EventLog
+from labkit.workflow import BookingHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +37,27 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: ")
     return lines[0]
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``check`` every 20 ms until it is true; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def consuming(backend: Backend, run_dir: Path, worker_id: str = "w1") -> AsyncIterator[asyncio.Task[None]]:
+    """``backend.consume()`` in this process as consumer ``worker_id``, stopped warmly (and awaited) on exit."""
+    events = EventLog(run_dir, worker_id, backend.name)
+    handler = BookingHandler(backend.ledger, events, backend.settings, run_dir)
+    stop = asyncio.Event()
+    task = asyncio.create_task(backend.consume(handler, stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        events.close()

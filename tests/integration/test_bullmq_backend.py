@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import redis.asyncio as aioredis
 from bullmq import Worker
+from support import consuming, wait_for
 
 from labkit.backends.base import Backend
 from labkit.backends.bullmq import BullMQBackend
@@ -44,30 +45,6 @@ def bookings(count: int, seed: int = 7, **fault: Any) -> list[dict[str, Any]]:
         for booking in made:
             booking["fault"] = dict(fault)
     return made
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``check`` every 20 ms until it is true; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def consuming(backend: Backend, run_dir: Path, worker_id: str = "w1") -> AsyncIterator[EventLog]:
-    """``backend.consume()`` as a task, stopped warmly (and awaited) on exit."""
-    events = EventLog(run_dir, worker_id, "bullmq")
-    handler = BookingHandler(backend.ledger, events, backend.settings, run_dir)
-    stop = asyncio.Event()
-    task = asyncio.create_task(backend.consume(handler, stop))
-    try:
-        yield events
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        events.close()
 
 
 def plain_client(config: Config) -> aioredis.Redis:

@@ -11,10 +11,9 @@ wire is read back with kafka-python, a client independent of the one the backend
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,14 @@ from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaPythonPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.partitioner.default import murmur2
+from support import consuming, wait_for
 
 from labkit.backends.kafka import KafkaBackend
 from labkit.booking import BookingGenerator, encode
 from labkit.config import Config
 from labkit.errors import BrokerUnavailable, ConfigError
-from labkit.events import EventLog, load_run
-from labkit.workflow import BookingHandler, WorkerSettings
+from labkit.events import load_run
+from labkit.workflow import WorkerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.redis]
 
@@ -55,30 +55,6 @@ def java_partition(key: str, partitions: int = PARTITIONS) -> int:
 def split(location: str) -> tuple[str, int, int]:
     topic, partition, offset = location.rsplit("/", 2)
     return topic, int(partition), int(offset)
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``check`` every 100 ms until it is true; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-@contextlib.asynccontextmanager
-async def consuming(backend: KafkaBackend, run_dir: Path, worker_id: str = "w1") -> AsyncIterator[asyncio.Task[None]]:
-    """``backend.consume()`` as one group member, stopped warmly (and awaited) on exit."""
-    events = EventLog(run_dir, worker_id, "kafka")
-    handler = BookingHandler(backend.ledger, events, backend.settings, run_dir)
-    stop = asyncio.Event()
-    task = asyncio.create_task(backend.consume(handler, stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        events.close()
 
 
 async def counts(backend: KafkaBackend) -> dict[str, int]:

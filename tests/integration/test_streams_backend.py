@@ -10,15 +10,15 @@ group's depths and purge. Everything on the wire is read back with a plain redis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import redis.asyncio as aioredis
+from support import consuming, wait_for
 
 from labkit.backends.base import Backend
 from labkit.backends.streams import StreamsBackend
@@ -38,30 +38,6 @@ def bookings(count: int, **fault: Any) -> list[dict[str, Any]]:
         for booking in made:
             booking["fault"] = dict(fault)
     return made
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``check`` every 20 ms until it is true; fail the test at the deadline."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def consuming(backend: Backend, run_dir: Path, worker_id: str) -> AsyncIterator[asyncio.Task[None]]:
-    """``backend.consume()`` as consumer ``worker_id``, stopped warmly (and awaited) on exit."""
-    events = EventLog(run_dir, worker_id, "streams")
-    handler = BookingHandler(backend.ledger, events, backend.settings, run_dir)
-    stop = asyncio.Event()
-    task = asyncio.create_task(backend.consume(handler, stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        events.close()
 
 
 def plain_client(config: Config) -> aioredis.Redis:
