@@ -19,6 +19,17 @@ from labkit.workflow import BookingHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: A booking that keeps every rule of CONTRACT.md; tests change one field at a time.
+VALID_BOOKING = {
+    "booking_id": "bk-1",
+    "user_id": "user-1",
+    "hotel_id": "hotel-1",
+    "check_in": "2027-03-01",
+    "check_out": "2027-03-04",
+    "guests": 2,
+    "amount_cents": 12_000,
+}
+
 
 def run_labkit(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run ``python -m labkit`` with the session's environment (which points at the test stack) plus ``env``."""

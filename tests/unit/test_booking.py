@@ -5,19 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import VALID_BOOKING as VALID
 
 from labkit.booking import MAX_MESSAGE_BYTES, BookingGenerator, booking_id_of, encode, parse_booking
 from labkit.errors import BadMessage
-
-VALID = {
-    "booking_id": "bk-1",
-    "user_id": "user-1",
-    "hotel_id": "hotel-1",
-    "check_in": "2027-03-01",
-    "check_out": "2027-03-04",
-    "guests": 2,
-    "amount_cents": 12_000,
-}
 
 
 def with_(**changes: object) -> str:

@@ -17,20 +17,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import VALID_BOOKING as VALID
 
 from labkit.booking import MAX_MESSAGE_BYTES, Booking, booking_id_of, parse_booking
 from labkit.drills import fuzz_corpus
 from labkit.errors import BadMessage
 
-VALID = {
-    "booking_id": "bk-1",
-    "user_id": "user-1",
-    "hotel_id": "hotel-1",
-    "check_in": "2027-03-01",
-    "check_out": "2027-03-04",
-    "guests": 2,
-    "amount_cents": 12_000,
-}
 REQUIRED = tuple(VALID)
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
