@@ -344,6 +344,23 @@ def _audit(
     return ledger
 
 
+def _finish_run(
+    result: DrillResult,
+    config: Config,
+    pool: WorkerPool,
+    producer: _Producer,
+    hotels: dict[str, str],
+    timeout: float,
+) -> tuple[_Ledger, pd.DataFrame]:
+    """End of every drill run: wait for the producer, audit what it got acknowledged, count crashes."""
+    producer.join()
+    if producer.error is not None:
+        raise producer.error
+    ledger = _audit(result, config, pool.run_dir, producer.acked, hotels, timeout)
+    result.worker_crashes = _crashes(pool)
+    return ledger, pool.events()
+
+
 def _crashes(pool: WorkerPool) -> int:
     """Worker exits the pool did not cause (a worker that died on its own)."""
     return sum(1 for w in pool.workers if not w.alive and not w.stopped_by_pool)
@@ -424,12 +441,7 @@ def worker_kills(
                 kills.append((time.monotonic(), victim))
                 pool.kill(victim)
                 pool.scale(workers)
-            producer.join()
-            if producer.error is not None:
-                raise producer.error
-            _audit(result, config, pool.run_dir, producer.acked, hotels, settle_timeout)
-            result.worker_crashes = _crashes(pool)
-            events = pool.events()
+            _, events = _finish_run(result, config, pool, producer, hotels, settle_timeout)
         result.recovery_s = _kill_recovery(events, kills)
         result.detail.update(kills=len(kills), producer_retries=len(producer.failures))
         result.ok = result.lost == 0 and result.worker_crashes == 0 and (result.double_effects == 0 or not idempotent)
@@ -493,12 +505,7 @@ def redis_restart(
             time.sleep(down_s)
             stack.up()
             back_at = time.monotonic()
-            producer.join()
-            if producer.error is not None:
-                raise producer.error
-            _audit(result, config, pool.run_dir, producer.acked, hotels, settle_timeout)
-            result.worker_crashes = _crashes(pool)
-            events = pool.events()
+            _, events = _finish_run(result, config, pool, producer, hotels, settle_timeout)
         result.recovery_s = _first_completion_after(events, back_at)
         result.detail.update(
             down_s=round(back_at - stopped_at, 2),
@@ -550,12 +557,7 @@ def kafka_restart(
             # What `labkit up` does after starting the broker: the topics are gone with the old one.
             lab.with_backend("kafka", lambda b: b.setup(), config)
             back_at = time.monotonic()
-            producer.join()
-            if producer.error is not None:
-                raise producer.error
-            ledger = _audit(result, config, pool.run_dir, producer.acked, hotels, settle_timeout)
-            result.worker_crashes = _crashes(pool)
-            events = pool.events()
+            ledger, events = _finish_run(result, config, pool, producer, hotels, settle_timeout)
         before = set(acked_before)
         unsettled_at_stop = before - settled_before.completed - settled_before.dead
         after = set(producer.acked) - before

@@ -14,13 +14,14 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from labkit.booking import booking_id_of, encode
 from labkit.config import Config
 from labkit.errors import BrokerUnavailable
 from labkit.workflow import BookingHandler, Delivery, Ledger, Result, WorkerSettings
 
+T = TypeVar("T")
 Message = Mapping[str, Any] | str | bytes
 
 
@@ -94,15 +95,11 @@ class Backend(ABC):
     @property
     def redis(self) -> Any:
         """The ``redis.asyncio.Redis`` client (connect first)."""
-        if self._redis is None:
-            raise RuntimeError("backend is not connected; use `async with` or await connect()")
-        return self._redis
+        return connected(self._redis)
 
     @property
     def ledger(self) -> Ledger:
-        if self._ledger is None:
-            raise RuntimeError("backend is not connected; use `async with` or await connect()")
-        return self._ledger
+        return connected(self._ledger)
 
     # -- the queue contract -------------------------------------------------------------
 
@@ -181,6 +178,13 @@ class Backend(ABC):
     @abstractmethod
     async def write_dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Write one dead letter in this backend's format (CONTRACT.md); idempotent per booking where possible."""
+
+
+def connected(client: T | None) -> T:
+    """``client``, or a RuntimeError saying how to connect when the backend is not connected yet."""
+    if client is None:
+        raise RuntimeError("backend is not connected; use `async with` or await connect()")
+    return client
 
 
 def dead_letter_record(booking: str | bytes, reason: str, attempts: int, source: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from labkit.backends.base import Backend, Message, dead_letter_record
+from labkit.backends.base import Backend, Message, connected, dead_letter_record
 from labkit.booking import booking_id_of, encode
 from labkit.errors import BrokerUnavailable
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
@@ -241,16 +241,12 @@ class BullMQBackend(Backend):
     @property
     def queue(self) -> Any:
         """The ``bullmq.Queue`` of bookings (connect first)."""
-        if self._queue is None:
-            raise RuntimeError("backend is not connected; use `async with` or await connect()")
-        return self._queue
+        return connected(self._queue)
 
     @property
     def dlq(self) -> Any:
         """The ``bullmq.Queue`` of dead letters (connect first)."""
-        if self._dlq is None:
-            raise RuntimeError("backend is not connected; use `async with` or await connect()")
-        return self._dlq
+        return connected(self._dlq)
 
     @contextmanager
     def _broker_errors(self) -> Iterator[None]:
