@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
@@ -225,9 +225,13 @@ def booking_id_of(payload: bytes | str) -> str | None:
     return value if isinstance(value, str) and _BOOKING_ID_RE.match(value) else None
 
 
-def encode(booking: dict[str, Any]) -> str:
+# One encoder for every message: json.dumps with non-default options builds a new encoder per call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def encode(booking: Mapping[str, Any]) -> str:
     """The wire form: compact JSON, UTF-8 safe."""
-    return json.dumps(booking, separators=(",", ":"), ensure_ascii=False)
+    return _encode(booking)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from labkit.booking import MAX_MESSAGE_BYTES, MAX_NESTING, BookingGenerator, enc
 from labkit.config import Config
 from labkit.errors import LabkitError
 from labkit.pool import REPO_ROOT, WorkerPool
-from labkit.stack import Stack, _Kafka, _Redis, _Service, _stop
+from labkit.stack import Stack
 from labkit.workflow import WorkerSettings, count_effects
 
 if TYPE_CHECKING:
@@ -71,6 +71,8 @@ _POLL_S = 0.5
 CHAOS_STEP_MS = 30.0
 #: Random pause between two kills, per backend (seconds). A Kafka kill costs a rebalance (about
 #: session.timeout.ms = 6 s on the embedded broker), so killing faster than that only measures rebalances.
+#: Kafka partitions per worker in the kill drill: as many as a worker has handler slots (concurrency 4).
+KILL_PARTITIONS_PER_WORKER = 4
 KILL_EVERY_S = {"bullmq": (2.0, 5.0), "streams": (2.0, 5.0), "kafka": (6.0, 10.0)}
 
 
@@ -158,26 +160,9 @@ class _PrivateStack(Stack):
                 kafka_bootstrap=f"127.0.0.1:{_free_port()}",
                 namespace=namespace,
                 home=self.home,
-            )
+            ),
+            services=("redis", "kafka") if with_kafka else ("redis",),
         )
-        self.with_kafka = with_kafka
-
-    def _services(self) -> list[_Service]:
-        services: list[_Service] = [_Redis(self.config)]
-        if self.with_kafka:
-            services.append(_Kafka(self.config))
-        return services
-
-    def stop_service(self, name: str, hard: bool = False) -> None:
-        """Stop one server: SIGTERM (Redis flushes its AOF) or, with ``hard``, SIGKILL (a crash)."""
-        svc = next(s for s in self._services() if s.name == name)
-        ours = svc.our_process()
-        if ours is None:
-            raise LabkitError(f"the drill's {name} is not running")
-        if hard:
-            os.kill(ours.pid, signal.SIGKILL)
-        _stop(ours.pid)  # after a SIGKILL this only reaps it
-        svc.pid_file.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.down()
@@ -425,8 +410,11 @@ def worker_kills(
     config = _drill_config(config)
     result = DrillResult("worker-kills", backend, seconds, detail={"idempotent": idempotent, "workers": workers})
     bookings, hotels = _bookings(int(seconds * rate), f"wk{uuid.uuid4().hex[:6]}")
-    lab.with_backend(backend, lambda b: b.setup(), config)
-    settings = WorkerSettings(concurrency=4, idempotent=idempotent, step_ms=CHAOS_STEP_MS)
+    # Kafka runs one booking at a time per partition (per-key order): 3 partitions of 150 ms bookings do
+    # 20 a second, less than the 40 produced, and the backlog would swamp what a kill costs.
+    options = {"partitions": str(KILL_PARTITIONS_PER_WORKER * workers)} if backend == "kafka" else {}
+    settings = WorkerSettings(concurrency=4, idempotent=idempotent, step_ms=CHAOS_STEP_MS, options=options)
+    lab.with_backend(backend, lambda b: b.setup(), config, settings)
     kills: list[tuple[float, str]] = []
     try:
         with _pool(backend, config, settings, workers, "kills") as pool:
@@ -529,13 +517,18 @@ def kafka_restart(
     down_s: float = 1.0,
     settle_timeout: float = 60,
 ) -> DrillResult:
-    """Restart a private embedded broker half-way through a Kafka run, then recreate the topics (as ``labkit up``).
+    """Crash (SIGKILL) a private embedded broker half-way through a Kafka run and start it again, empty.
+
+    Nothing else is restarted or set up again: the producer builds a fresh client when its own
+    fails and recreates the topics it needs; the workers' group watch recreates missing topics
+    and rebalances the group onto them (``labkit.backends.kafka``).
 
     The embedded broker keeps everything in memory, so this drill expects loss and reports it:
-    ``detail["lost_in_broker"]`` are acknowledged bookings not yet processed when the broker
-    stopped (gone with it), ``detail["lost_after_restart"]`` are bookings acknowledged by the
-    new broker that the running workers never processed. ``ok`` means the report is complete
-    (the workers and producer did not crash); it does not mean nothing was lost.
+    ``detail["lost_in_broker"]`` are bookings acknowledged by the old broker and not processed
+    when it died (gone with it: the docker compose stack's Apache Kafka keeps them);
+    ``detail["lost_after_restart"]`` are bookings acknowledged by the new broker that the running
+    workers never processed. ``ok``: no worker crashed, every booking is accounted for, and none
+    acknowledged after the restart was lost (the loss before it is reported, not a failure).
     """
     stack = _PrivateStack(with_kafka=True, namespace="drill-")
     result = DrillResult("kafka-restart", "kafka", seconds)
@@ -548,14 +541,16 @@ def kafka_restart(
             producer = _Producer("kafka", config, bookings, rate)
             producer.start()
             time.sleep(seconds / 2)
+            stopped_at = time.monotonic()
+            # SIGKILL: a crash, and a clean cut. On SIGTERM the embedded broker keeps serving for about 5 s
+            # while it shuts down, so "acknowledged before the restart" would be a moving target.
+            stack.stop_service("kafka", hard=True)
+            time.sleep(down_s)
+            # The old broker is gone: every acknowledgement so far came from it, every later one from the new one.
             acked_before = list(producer.acked)
             settled_before = _read_ledger(config, "kafka")
-            stopped_at = time.monotonic()
-            stack.stop_service("kafka")
-            time.sleep(down_s)
+            # The topics are gone with the old broker; nobody recreates them but the producer and the workers.
             stack.up()
-            # What `labkit up` does after starting the broker: the topics are gone with the old one.
-            lab.with_backend("kafka", lambda b: b.setup(), config)
             back_at = time.monotonic()
             ledger, events = _finish_run(result, config, pool, producer, hotels, settle_timeout)
         before = set(acked_before)
@@ -572,7 +567,7 @@ def kafka_restart(
             producer_retries=len(producer.failures),
             producer_errors=sorted({message for _, message in producer.failures})[:3],
         )
-        result.ok = result.worker_crashes == 0
+        result.ok = result.worker_crashes == 0 and result.detail["lost_after_restart"] == 0 and bool(after)
     finally:
         stack.close()
     return result
@@ -847,10 +842,17 @@ def _reason_counts(letters: Any) -> dict[str, int]:
 
 # -- 5. slow consumer -------------------------------------------------------------------------------------------
 
-#: Per backend: (settings that protect a slow handler, settings that do not, the booking's fault, workers' cpu_ms).
+#: Kafka's slow worker: each of the 5 workflow steps waits this long, so a booking takes 15 s: well past
+#: max.poll.interval.ms = 6 s plus the rebalance that hands its partitions to a quick worker (3-5 s), so that the
+#: quick worker has run the booking again and committed it before the slow one is back in the group. (Back
+#: sooner, the slow worker gets its partitions again and starts the same bookings over: they never finish.)
+KAFKA_SLOW_STEP_MS = 3000.0
+
+#: Per backend: (settings that protect a slow handler, settings that do not, the booking's fault).
 #: Streams: claim idle time 300 ms, bookings take 1.5 s; the heartbeat keeps them. BullMQ: a handler that awaits
-#: keeps its lock renewed (loop free); one that blocks the loop for 2.5 s past a 1 s lock loses it. Kafka: bookings
-#: take 8 s; max.poll.interval.ms 30 s (default) keeps them, 6 s makes the worker leave the group mid-booking.
+#: keeps its lock renewed (loop free); one that blocks the loop for 2.5 s past a 1 s lock loses it. Kafka: the first
+#: worker is slow (5 steps x 3 s = 15 s a booking), the others quick (see ``slow_consumer``); max.poll.interval.ms
+#: 30 s (default) keeps its bookings, 6 s makes it leave the group mid-booking.
 _SLOW = {
     "streams": (
         WorkerSettings(concurrency=2, backoff_ms=300, options={"heartbeat": "1"}),
@@ -863,9 +865,9 @@ _SLOW = {
         {"slow_ms": 2500},
     ),
     "kafka": (
-        WorkerSettings(concurrency=1),
-        WorkerSettings(concurrency=1, options={"max_poll_interval_ms": "6000"}),
-        {"slow_ms": 8000},
+        WorkerSettings(concurrency=2, step_ms=KAFKA_SLOW_STEP_MS),
+        WorkerSettings(concurrency=2, step_ms=KAFKA_SLOW_STEP_MS, options={"max_poll_interval_ms": "6000"}),
+        {},
     ),
 }
 
@@ -885,6 +887,13 @@ def slow_consumer(
     off (heartbeat off; the BullMQ handler blocks the event loop past the lock; max.poll.interval.ms
     below the handler time). ``duplicates`` is the extra workflow starts of the same booking.
     Passes when protected runs have 0 duplicates and unprotected runs show some; no loss either way.
+
+    Kafka runs one slow worker and ``workers - 1`` quick ones rather than slow bookings: a record
+    that is slower than max.poll.interval.ms on every delivery is never committed and comes back
+    forever (each time a duplicate), holding up its partition; and when every member leaves the
+    group at once, the embedded broker can be left without a group leader for good (docs/drills.md).
+    Here the slow worker leaves the group mid-booking, a quick worker takes the partition over and
+    runs the booking again (the duplicate), and the group carries on.
     """
     config = _drill_config(config)
     good, bad, fault = _SLOW[backend]
@@ -895,9 +904,12 @@ def slow_consumer(
     bookings, hotels = _bookings(count, f"sc{uuid.uuid4().hex[:6]}", **fault)
     lab.with_backend(backend, lambda b: b.setup(), config)
     try:
-        with _pool(backend, config, settings, workers, "slow") as pool:
+        with _pool(backend, config, settings, 1 if backend == "kafka" else workers, "slow") as pool:
             if backend == "kafka":
+                pool.start(workers - 1, ready_timeout=30, step_ms=0.0)  # the quick ones
                 _wait_for_assignment(pool, workers, timeout=30)
+                bookings = _one_per_slow_partition(pool, config, count)
+                hotels = {b["booking_id"]: b["hotel_id"] for b in bookings}
             started = time.monotonic()
             lab.produce(backend, bookings, config)
             _audit(result, config, pool.run_dir, [b["booking_id"] for b in bookings], hotels, settle_timeout)
@@ -917,6 +929,41 @@ def slow_consumer(
     finally:
         _cleanup(backend, config)
     return result
+
+
+def _one_per_slow_partition(pool: WorkerPool, config: Config, count: int) -> list[dict[str, Any]]:
+    """``count`` bookings: one on each partition of the slow worker (the first), the rest on the quick ones'.
+
+    Keyed bookings land where the key's murmur2 hash says (labkit's producer uses the Java client's
+    partitioner), so the drill can choose them: the slow worker then runs its bookings side by side
+    (15 s in all, not 15 s per booking it happens to get), and it surely gets some.
+    """
+    from kafka.partitioner.default import murmur2
+
+    events = pool.events()
+    assigned = events[events["event"] == "assigned"].groupby("worker")["partitions"].last()
+    work = {
+        int(p.rsplit("/", 1)[1]): w
+        for w, parts in assigned.items()
+        for p in parts
+        if p.startswith(f"{config.names.topic}/")
+    }
+    slow = sorted(p for p, w in work.items() if w == pool.workers[0].worker_id)
+    quick = sorted(set(work) - set(slow))
+    if not slow or not quick:  # the group did not settle as expected: any bookings will do, only slower
+        return _bookings(count, f"sc{uuid.uuid4().hex[:6]}")[0]
+    wanted = slow + quick * count
+    candidates, _ = _bookings(count * 40, f"sc{uuid.uuid4().hex[:6]}")
+    chosen: list[dict[str, Any]] = []
+    for partition in wanted[:count]:
+        for booking in candidates:
+            if (
+                booking not in chosen
+                and (murmur2(booking["booking_id"].encode()) & 0x7FFFFFFF) % len(work) == partition
+            ):
+                chosen.append(booking)
+                break
+    return chosen
 
 
 def _wait_for_assignment(pool: WorkerPool, workers: int, timeout: float) -> None:

@@ -13,6 +13,7 @@ port held by something else is reported in about a second instead of hanging in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ import struct
 import subprocess
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -491,18 +493,51 @@ class _Kafka(_Service):
         return re.compile(rf"^(?P<binary>.*?tansu[^/ ]*) broker .*--listener-url tcp://\S+:{self.port}\b")
 
 
+#: The servers a stack can run, in the order ``up`` and ``status`` report them.
+SERVICES = ("redis", "kafka")
+
+
 class Stack:
     """The lab's two servers at the addresses of ``config``.
 
     Args:
         config: addresses and the state folder (``config.home``) holding pid files, logs and Redis data.
+        services: which of :data:`SERVICES` this stack manages (a Redis-only stack for the Redis drills).
+
+    Raises:
+        ValueError: an unknown service name.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, services: Sequence[str] = SERVICES) -> None:
+        unknown = sorted(set(services) - set(SERVICES))
+        if unknown:
+            raise ValueError(f"unknown service(s) {unknown}; choose from {list(SERVICES)}")
         self.config = config
+        self.services = tuple(name for name in SERVICES if name in services)
 
     def _services(self) -> list[_Service]:
-        return [_Redis(self.config), _Kafka(self.config)]
+        kinds: dict[str, type[_Redis] | type[_Kafka]] = {"redis": _Redis, "kafka": _Kafka}
+        return [kinds[name](self.config) for name in self.services]
+
+    def stop_service(self, name: str, hard: bool = False) -> None:
+        """Stop one server that ``up`` started here; ``up`` starts it again. The restart drills use it.
+
+        Args:
+            name: ``redis`` or ``kafka``.
+            hard: SIGKILL (a crash) instead of SIGTERM (a clean shutdown: Redis flushes its AOF).
+
+        Raises:
+            StackError: this stack did not start that server, or it is not running.
+        """
+        svc = next((s for s in self._services() if s.name == name), None)
+        ours = svc.our_process() if svc is not None else None
+        if svc is None or ours is None:
+            raise StackError(f"{name} was not started by this stack, or is not running")
+        if hard:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ours.pid, signal.SIGKILL)
+        _stop(ours.pid)  # after a SIGKILL this only reaps it
+        svc.pid_file.unlink(missing_ok=True)
 
     def up(self, timeout: float = 30) -> list[ServiceStatus]:
         """Start whatever is not already running, and return once both servers are healthy.

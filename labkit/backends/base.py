@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from labkit.booking import booking_id_of, encode
@@ -23,6 +23,10 @@ from labkit.workflow import BookingHandler, Delivery, Ledger, Result, WorkerSett
 
 T = TypeVar("T")
 Message = Mapping[str, Any] | str | bytes
+#: Most messages one fetch of :meth:`Backend.consume_batches` takes (XREADGROUP COUNT, Kafka consume()).
+BATCH_FETCH = 500
+#: What :meth:`Backend.consume_batches` hands each batch of payloads to: the comparison harness's consumer.
+BatchSink = Callable[[list[Any]], Awaitable[None]]
 
 
 def wire_text(message: Message) -> str | bytes:
@@ -131,6 +135,26 @@ class Backend(ABC):
         is delivered again after the backoff, without holding up other messages; a
         ``DEAD`` verdict goes to the dead-letter destination once, with its reason. On
         ``stop`` the messages in flight are finished and acknowledged before returning.
+        """
+
+    async def send_batch(self, bookings: Sequence[Mapping[str, Any]]) -> None:
+        """Send bookings and return once the broker acknowledged every one, like :meth:`produce`.
+
+        The comparison harness's producer (``labkit.bench``): the same acknowledgement as
+        ``produce``, but nothing comes back, so a backend may skip the per-message work of
+        reporting where each message landed.
+        """
+        await self.produce(bookings)
+
+    @abstractmethod
+    async def consume_batches(self, sink: BatchSink, stop: asyncio.Event, consumer: str) -> None:
+        """Hand payloads to ``sink`` in the batches the client fetches them, until ``stop`` is set.
+
+        The comparison harness's consumer (``labkit.bench``): no workflow, ledger or retries,
+        only the queue. A batch is acknowledged after ``sink`` returned (at-least-once, as in
+        :meth:`consume`), with the same group, lock and commit settings as ``consume``.
+        Payloads are what the client gives: bytes (Streams, Kafka) or the job data that
+        BullMQ already decoded. ``consumer`` names this consumer to the broker.
         """
 
     @abstractmethod

@@ -41,7 +41,7 @@ from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from labkit.backends.base import Backend, Message, connected, dead_letter_record
+from labkit.backends.base import Backend, BatchSink, Message, connected, dead_letter_record
 from labkit.booking import booking_id_of, encode
 from labkit.errors import BrokerUnavailable
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
@@ -390,6 +390,25 @@ class BullMQBackend(Backend):
 
         worker = Worker(self.names.bullmq_queue, process, self._worker_options(events.worker_id))
         worker.on("failed", on_failed)
+        try:
+            await self._run_worker(worker, stop)
+        finally:
+            if followups:
+                await asyncio.gather(*followups)
+
+    async def consume_batches(self, sink: BatchSink, stop: asyncio.Event, consumer: str) -> None:
+        """A ``bullmq.Worker`` with the lab's options whose processor hands each job's data to ``sink``.
+
+        BullMQ delivers one job per processor call (``concurrency`` at once), so each batch holds one payload.
+        """
+
+        async def process(job: Job, token: str) -> None:
+            await sink([job.data])
+
+        await self._run_worker(Worker(self.names.bullmq_queue, process, self._worker_options(consumer)), stop)
+
+    async def _run_worker(self, worker: Any, stop: asyncio.Event) -> None:
+        """Run ``worker`` until ``stop`` is set, then close it gracefully (jobs in flight finish and are acked)."""
         worker.on("error", lambda error, *job: log.warning("bullmq worker: %s", error))
         try:
             with self._broker_errors():
@@ -408,8 +427,6 @@ class BullMQBackend(Backend):
             stopping.cancel()
             await worker.close()
             await running
-            if followups:
-                await asyncio.gather(*followups)
 
     async def write_dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Add ``{"booking", "reason", "attempts"}`` to the DLQ queue, once per source job."""

@@ -58,24 +58,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NoReturn, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # documented import path
 from redis.exceptions import RedisError
 
-from labkit.backends.base import Backend, dead_letter_record, wire_text
+from labkit.backends.base import BATCH_FETCH, Backend, BatchSink, dead_letter_record, wire_text
 from labkit.backends.base import Message as Outgoing
 from labkit.backends.kafka_lag import group_lag, read_topic
-from labkit.booking import booking_id_of
+from labkit.booking import booking_id_of, encode
 from labkit.config import Config
-from labkit.errors import BackendError, BrokerUnavailable, ConfigError
+from labkit.errors import BackendError, BrokerUnavailable, ConfigError, LabkitError
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,32 @@ _BUFFER_LOW = 64
 _INFLIGHT_TTL_S = 5
 _INFLIGHT_REFRESH_S = 1.0
 _TOPIC_WAIT_S = 15.0
+#: Seconds between two looks at the group's health (missing topics, partitions without a consumer).
+_GROUP_CHECK_EVERY_S = 2.0
+#: A partition may stay without a consumer this long before a worker forces a rebalance: well above a normal
+#: rebalance (3-6 s on the embedded broker) plus the 5 s a dead worker's report lives on in Redis.
+_ORPHAN_GRACE_S = 12.0
+#: ... and only a worker whose own assignment has not changed for as long: a rebalance under way revokes every
+#: member's partitions within a heartbeat interval (eager protocol). Shorter (6 s) was measured to make things
+#: worse while workers are killed every 6-10 s: forced rebalances then pile onto the ones the kills cause.
+_SETTLED_S = _ORPHAN_GRACE_S
 
 #: ``(key,)`` of the record being handled, so that its dead letter keeps exactly the original key (even none).
 _CURRENT_KEY: contextvars.ContextVar[tuple[bytes | None] | None] = contextvars.ContextVar("kafka_record_key")
 #: Delivery errors that mean the broker is gone rather than that it refused the record.
 _UNREACHABLE = (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT)
+
+
+def _fetch(consumer: Consumer, most: int = _POLL_BATCH) -> list[Message]:
+    """Wait for the first record, then take what else is ready, up to ``most``.
+
+    ``consume(n, timeout)`` would wait the whole timeout for ``n`` records, holding back
+    records that are already there when traffic is light.
+    """
+    first = consumer.poll(_POLL_WAIT_S)
+    if first is None:
+        return []
+    return [first, *consumer.consume(most - 1, 0)]
 
 
 def _unavailable(bootstrap: str) -> BrokerUnavailable:
@@ -306,19 +328,7 @@ class KafkaBackend(Backend):
                 except KafkaException as e:
                     if e.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                         raise BackendError(f"could not delete Kafka topic {topic!r}: {e.args[0].str()}") from None
-        for future in admin.delete_consumer_groups([names.kafka_group], request_timeout=_CONNECT_TIMEOUT_S).values():
-            try:
-                self._admin_result(future)
-            except KafkaException as e:
-                code = e.args[0].code()
-                if code == KafkaError.NON_EMPTY_GROUP:
-                    raise BackendError(
-                        f"consumer group {names.kafka_group!r} has live workers; stop them first"
-                    ) from None
-                if code != KafkaError.GROUP_ID_NOT_FOUND:
-                    raise BackendError(
-                        f"could not delete consumer group {names.kafka_group!r}: {e.args[0].str()}"
-                    ) from None
+        self._delete_group()
         # Deletion is asynchronous on Apache Kafka: wait until the topics are gone, so setup() can recreate them.
         deadline = time.monotonic() + _TOPIC_WAIT_S
         while any(t in self._topic_partitions() for t in topics):
@@ -327,6 +337,47 @@ class KafkaBackend(Backend):
             time.sleep(0.2)
 
     # -- producing ----------------------------------------------------------------------
+
+    def _delete_group(self) -> None:
+        group = self.names.kafka_group
+        for future in self._get_admin().delete_consumer_groups([group], request_timeout=_CONNECT_TIMEOUT_S).values():
+            try:
+                self._admin_result(future)
+            except KafkaException as e:
+                code = e.args[0].code()
+                if code == KafkaError.NON_EMPTY_GROUP:
+                    raise BackendError(f"consumer group {group!r} has live workers; stop them first") from None
+                if code != KafkaError.GROUP_ID_NOT_FOUND:
+                    raise BackendError(f"could not delete consumer group {group!r}: {e.args[0].str()}") from None
+
+    async def renew_group(self) -> None:
+        """Delete the consumer group (its members must be gone) and recreate it at the offsets it had committed.
+
+        Where the group stood is kept, so on Apache Kafka this changes nothing. On the embedded
+        broker it clears what all members leaving at once leave behind: the group keeps its
+        departed leader, and members joining later can wait a minute or more for partitions
+        (docs/embedded-kafka.md). The comparison harness's backlog drain restarts every consumer.
+        """
+        await asyncio.to_thread(self._renew_group_blocking)
+
+    def _renew_group_blocking(self) -> None:
+        names = self.names
+        counts = self._topic_partitions()
+        partitions = [TopicPartition(t, p) for t in (names.topic, names.topic_retry) for p in range(counts.get(t, 0))]
+        # Neither consumer subscribes: they only read and write the group's committed offsets.
+        settings = {**self._client, "group.id": names.kafka_group, "enable.auto.commit": False}
+        reader = Consumer(settings)
+        try:
+            committed = [tp for tp in reader.committed(partitions, timeout=_CONNECT_TIMEOUT_S) if tp.offset >= 0]
+        finally:
+            reader.close()
+        self._delete_group()
+        if committed:
+            writer = Consumer(settings)
+            try:
+                writer.commit(offsets=committed, asynchronous=False)
+            finally:
+                writer.close()
 
     async def produce(self, messages: Iterable[Outgoing]) -> list[str]:
         """Send messages (key = ``booking_id``) and wait until the broker acknowledged every one.
@@ -389,8 +440,13 @@ class KafkaBackend(Backend):
         # Delivery reports may be served by another thread's flush(); wait for all of ours, bounded.
         deadline = time.monotonic() + _MESSAGE_TIMEOUT_MS / 1000 + 5
         while len(reported) < len(records) and time.monotonic() < deadline:
-            if producer.flush(0.5) == 0 and len(reported) < len(records):
-                time.sleep(0.001)
+            try:
+                if producer.flush(0.5) == 0 and len(reported) < len(records):
+                    time.sleep(0.001)
+            except KafkaException as e:
+                self._drop_failed_producer(producer, e.args[0])
+        if errors and any(error.fatal() for error in errors):
+            self._drop_failed_producer(producer, next(error for error in errors if error.fatal()))
         if len(reported) < len(records):
             raise _unavailable(self.config.kafka_bootstrap)
         if errors:
@@ -404,7 +460,94 @@ class KafkaBackend(Backend):
             raise BackendError(f"Kafka refused {len(errors)} of {len(records)} messages: {errors[0].str()}")
         return [location or "" for location in locations]
 
+    async def send_batch(self, bookings: Sequence[Mapping[str, Any]]) -> None:
+        """Produce bookings (key = ``booking_id``) with one shared delivery callback, and flush.
+
+        ``produce`` builds a callback per record to report where it landed; the harness needs
+        only to know that every record was acknowledged (acks=all), which this does for far less.
+        """
+        await self._ensure_setup()
+        await asyncio.to_thread(self._send_batch, bookings)
+
+    def _send_batch(self, bookings: Sequence[Mapping[str, Any]]) -> None:
+        producer = self._get_producer()
+        errors: list[KafkaError] = []
+
+        def on_delivery(error: KafkaError | None, _: Message) -> None:
+            if error is not None:
+                errors.append(error)
+
+        topic = self.names.topic
+        for booking in bookings:
+            value, key = encode(booking).encode("utf-8"), str(booking["booking_id"]).encode("utf-8")
+            while True:
+                try:
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    producer.poll(0.05)  # local queue full: serve delivery reports to make room
+        if producer.flush(_MESSAGE_TIMEOUT_MS / 1000 + 5) > 0 or any(e.code() in _UNREACHABLE for e in errors):
+            raise _unavailable(self.config.kafka_bootstrap)
+        if errors:
+            raise BackendError(f"Kafka refused {len(errors)} of {len(bookings)} messages: {errors[0].str()}")
+
+    def _drop_failed_producer(self, producer: Producer, error: KafkaError) -> NoReturn:
+        """Forget a producer that failed for good, so that the next send builds a fresh one; then raise.
+
+        An idempotent producer whose broker lost its state (the memory-only embedded broker after a
+        restart) fails with a fatal UNKNOWN_PRODUCER_ID; librdkafka's rule is that such an instance can
+        only be destroyed. The caller sends the batch again (some records may then arrive twice).
+        """
+        if self._producer is producer:
+            self._producer = None
+        log.warning("Kafka producer failed for good (%s); the next send starts a new one", error.str())
+        raise BrokerUnavailable(f"the Kafka producer failed ({error.str()}); send again") from None
+
     # -- consuming ----------------------------------------------------------------------
+
+    def group_consumer_config(self, client_id: str, max_poll_ms: int = _DEFAULT_MAX_POLL_INTERVAL_MS) -> dict[str, Any]:
+        """The settings of every group member the lab runs: workers and the comparison harness alike."""
+        return {
+            **self._client,
+            "client.id": client_id,
+            "group.id": self.names.kafka_group,
+            # At-least-once: librdkafka commits only offsets we stored, after the handler finished.
+            "enable.auto.commit": True,
+            "enable.auto.offset.store": False,
+            "auto.commit.interval.ms": _AUTO_COMMIT_INTERVAL_MS,
+            # Work sent before any worker started is processed (CONTRACT.md).
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": _SESSION_TIMEOUT_MS,
+            "heartbeat.interval.ms": _HEARTBEAT_INTERVAL_MS,
+            "max.poll.interval.ms": max_poll_ms,
+            "fetch.wait.max.ms": _FETCH_WAIT_MAX_MS,
+            "partition.assignment.strategy": "range",
+        }
+
+    async def consume_batches(self, sink: BatchSink, stop: asyncio.Event, consumer: str) -> None:
+        """consume() up to BATCH_FETCH records in a thread, hand their values to ``sink``, store their offsets.
+
+        Offsets are stored (one per partition, after the batch) and committed by librdkafka
+        every ``auto.commit.interval.ms``, as for ``consume``; the harness reads only the work topic.
+        """
+        await self._ensure_setup()
+        loop = asyncio.get_running_loop()
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-poll")
+        member = Consumer(self.group_consumer_config(consumer))
+        try:
+            await loop.run_in_executor(thread, member.subscribe, [self.names.topic])
+            while not stop.is_set():
+                records = await loop.run_in_executor(thread, _fetch, member, BATCH_FETCH)
+                fetched = [record for record in records if record.error() is None]
+                if not fetched:
+                    continue
+                await sink([record.value() for record in fetched])
+                # A partition's records come in offset order: the last one of each is where to resume.
+                last = {cast(int, record.partition()): cast(int, record.offset()) for record in fetched}
+                member.store_offsets(offsets=[TopicPartition(self.names.topic, p, o + 1) for p, o in last.items()])
+        finally:
+            await loop.run_in_executor(thread, member.close)  # commits the stored offsets, leaves the group
+            thread.shutdown(wait=False)
 
     async def consume(self, handler: BookingHandler, stop: asyncio.Event) -> None:
         """Run one group member until ``stop``; see the module docstring for the design.
@@ -576,33 +719,20 @@ class _GroupMember:
         #: pause/resume/seek calls queued for the next gap between polls, with the partition they are for.
         self.ops: list[tuple[_Partition, Callable[[Consumer], None]]] = []
         self.left_group = False
+        #: Monotonic time of this worker's last assign or revoke: a group in the middle of a rebalance is not stuck.
+        self.assignment_changed = time.monotonic()
         self.failure: BaseException | None = None
         self.loop = asyncio.get_running_loop()
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-poll")
         self.consumer = Consumer(
-            {
-                **backend._client,
-                "client.id": self.events.worker_id,
-                "group.id": self.names.kafka_group,
-                # At-least-once: librdkafka commits only offsets we stored, after the handler finished.
-                "enable.auto.commit": True,
-                "enable.auto.offset.store": False,
-                "auto.commit.interval.ms": _AUTO_COMMIT_INTERVAL_MS,
-                # Work sent before any worker started is processed (CONTRACT.md).
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": _SESSION_TIMEOUT_MS,
-                "heartbeat.interval.ms": _HEARTBEAT_INTERVAL_MS,
-                "max.poll.interval.ms": max_poll_ms,
-                "fetch.wait.max.ms": _FETCH_WAIT_MAX_MS,
-                "partition.assignment.strategy": "range",
-                "error_cb": self._on_client_error,
-            }
+            {**backend.group_consumer_config(self.events.worker_id, max_poll_ms), "error_cb": self._on_client_error}
         )
 
     # -- the poll loop ------------------------------------------------------------------
 
     async def run(self) -> None:
         reporter = asyncio.create_task(self._report_in_flight())
+        watcher = asyncio.create_task(self._watch_group())
         try:
             await self._in_thread(self._subscribe)
             while not self.stop.is_set() and self.failure is None:
@@ -610,6 +740,9 @@ class _GroupMember:
                 self._apply_ops()
                 self._dispatch(await self._in_thread(self._poll))
         finally:
+            watcher.cancel()  # before the shutdown: it must not resubscribe a closing consumer
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             try:
                 await self._shutdown()
             finally:
@@ -630,11 +763,7 @@ class _GroupMember:
         )
 
     def _poll(self) -> list[Message]:
-        """Wait for the first record (so one record is not held back), then take what else is ready."""
-        first = self.consumer.poll(_POLL_WAIT_S)
-        if first is None:
-            return []
-        return [first, *self.consumer.consume(_POLL_BATCH - 1, 0)]
+        return _fetch(self.consumer)
 
     def _apply_ops(self) -> None:
         """Hand finished offsets and queued pause/resume/seek calls to librdkafka (no poll is running)."""
@@ -757,6 +886,89 @@ class _GroupMember:
             self.events.emit("rejoining")
             await self._in_thread(self._subscribe)
 
+    # -- the group watch ----------------------------------------------------------------
+
+    async def _watch_group(self) -> None:
+        """Repair what the consumer group does not repair by itself: missing topics, partitions nobody consumes.
+
+        Two faults seen on the embedded broker, and possible (rarer) on Apache Kafka:
+
+        - The topics are gone (a memory-only broker restarted): the group rejoins with an empty
+          assignment, and librdkafka does not rebalance when the topics come back (it cannot tell a
+          recreated topic from the old one). The watch recreates them (``setup``), and the next rule
+          rebalances the group onto them.
+        - A partition has no consumer, while the group is settled: the embedded broker can complete a
+          rebalance with a partition assigned to a member that died during it, and no later rebalance
+          follows. When no live worker reports a partition for ``_ORPHAN_GRACE_S`` and this worker's
+          own assignment has not changed for ``_SETTLED_S`` (so no rebalance is under way), one worker
+          (a Redis token) leaves and rejoins the group, which makes the group rebalance.
+
+        On Apache Kafka a dead member's session expiry always rebalances, so the second rule only
+        fires in a group that is stuck; it costs one extra rebalance. Workers report their assignment
+        with their in-flight counts, so a group member that does not (another program) makes the
+        watch stand aside.
+        """
+        unowned_since: float | None = None
+        while True:
+            await asyncio.sleep(_GROUP_CHECK_EVERY_S)
+            if self.left_group:
+                unowned_since = None
+                continue
+            try:
+                unowned = await self._unowned_partitions()
+            except (LabkitError, RedisError, OSError) as e:  # broker or Redis briefly away: look again later
+                log.debug("%s: group check skipped: %s", self.events.worker_id, e)
+                continue
+            now = time.monotonic()
+            if not unowned:
+                unowned_since = None
+                continue
+            unowned_since = unowned_since or now
+            if now - unowned_since < _ORPHAN_GRACE_S or now - self.assignment_changed < _SETTLED_S:
+                continue
+            token = self.backend.ledger.key("rebalance-token", self.names.kafka_group)
+            # One worker at a time: on the embedded broker, a group leader that leaves while another member's
+            # leave is still being served leaves the group without a leader for good (see docs/drills.md).
+            if not await self.backend.redis.set(token, self.events.worker_id, nx=True, ex=int(_ORPHAN_GRACE_S)):
+                continue
+            unowned_since = None
+            await self._rejoin(f"partitions without a consumer: {', '.join(sorted(unowned))}")
+
+    async def _unowned_partitions(self) -> set[str]:
+        """Partitions of the work and retry topics that no live worker reports as assigned; recreate missing topics."""
+        counts = await asyncio.to_thread(self.backend._topic_partitions)
+        if any(topic not in counts for topic in self.topics):
+            log.warning("%s: topics %s are gone (broker restarted?); creating them again", self.events.worker_id,
+                        [t for t in self.topics if t not in counts])  # fmt: skip
+            await self.backend.setup()
+            self.events.emit("topics_recreated", topics=[t for t in self.topics if t not in counts])
+            counts = await asyncio.to_thread(self.backend._topic_partitions)
+        expected = {f"{topic}/{p}" for topic in self.topics for p in range(counts.get(topic, 0))}
+        redis = self.backend.redis
+        owned: set[str] = set()
+        async for key in redis.scan_iter(match=self.backend.ledger.key("inflight", "*"), count=100):
+            assigned = await redis.hget(key, "assigned")
+            if assigned is None:
+                return set()  # a member that does not report its assignment: the watch cannot judge
+            owned.update(json.loads(assigned))
+        return expected - owned
+
+    async def _rejoin(self, reason: str) -> None:
+        """Leave the group and join it again as a new member: the coordinator must then rebalance.
+
+        Subscribing again without leaving is not enough: a member that rejoins with unchanged metadata
+        gets its old assignment back, without a rebalance, on Kafka and on the embedded broker alike.
+        """
+        log.warning("%s: %s; leaving and rejoining the consumer group", self.events.worker_id, reason)
+        self.events.emit("rejoining", reason=reason)
+        await self._in_thread(self.consumer.unsubscribe)
+        # Let the poll loop serve the revoke, so that librdkafka sends LeaveGroup before the new JoinGroup.
+        deadline = time.monotonic() + 5
+        while self.parts and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        await self._in_thread(self._subscribe)
+
     # -- rebalance callbacks: run in the poll thread ------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -790,11 +1002,13 @@ class _GroupMember:
             part.task = asyncio.create_task(self._work(part), name=f"kafka {part.name}")
             part.task.add_done_callback(self._task_done)
             self.parts[(tp.topic, tp.partition)] = part
+        self.assignment_changed = time.monotonic()
         self.events.emit("assigned", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 
     async def _release(self, partitions: list[TopicPartition], lost: bool) -> list[TopicPartition]:
         """Drop revoked partitions: finish their running records and return the offsets to commit."""
         parts = [p for tp in partitions if (p := self.parts.pop((tp.topic, tp.partition), None)) is not None]
+        self.assignment_changed = time.monotonic()
         for part in parts:
             part.revoked = True
             part.pending.clear()
@@ -885,7 +1099,9 @@ class _GroupMember:
             buffered = sum(len(p.pending) for p in self.parts.values())
             try:
                 async with redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(key, mapping={"running": running, "buffered": buffered})
+                    # The assignment too: the group watch of every worker compares the union with the topics.
+                    assigned = json.dumps(sorted(p.name for p in self.parts.values()))
+                    pipe.hset(key, mapping={"running": running, "buffered": buffered, "assigned": assigned})
                     pipe.expire(key, _INFLIGHT_TTL_S)
                     await pipe.execute()
             except (RedisError, OSError) as e:

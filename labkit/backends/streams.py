@@ -50,7 +50,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from labkit.backends.base import Backend, Message, dead_letter_record, wire_text
+from labkit.backends.base import BATCH_FETCH, Backend, BatchSink, Message, dead_letter_record, wire_text
 from labkit.booking import booking_id_of, encode
 from labkit.errors import BrokerUnavailable, ConfigError
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
@@ -182,6 +182,23 @@ class StreamsBackend(Backend):
         run = _ConsumerRun(self, handler, stop)
         with _broker_errors(self.config.redis_url):
             await run.run()
+
+    async def consume_batches(self, sink: BatchSink, stop: asyncio.Event, consumer: str) -> None:
+        """XREADGROUP up to BATCH_FETCH new entries, hand their ``booking`` fields to ``sink``, XACK them together.
+
+        No reclaimer: the harness's consumers are stopped warm and never fail a message.
+        """
+        with _broker_errors(self.config.redis_url):
+            while not stop.is_set():
+                reply = await self.redis.xreadgroup(
+                    self.names.stream_group, consumer, {self.names.stream: ">"}, count=BATCH_FETCH, block=READ_BLOCK_MS
+                )
+                entries = reply[0][1] if reply else []
+                if not entries:
+                    continue
+                await sink([fields[b"booking"] for _, fields in entries])
+                entry_ids = [entry_id for entry_id, _ in entries]
+                await self.redis.xack(self.names.stream, self.names.stream_group, *entry_ids)
 
     async def write_dead_letter(self, delivery: Delivery, reason: str) -> None:
         """XADD to the dead-letter stream: ``booking``, ``reason``, ``attempts``, ``source_id``; once per entry."""

@@ -15,6 +15,7 @@ from labkit.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis, pytest.mark.kafka]
 
+
 def test_status_json_lists_both_services(lab_stack: Stack) -> None:
     result = run_labkit("status", "--json")
     assert (result.returncode, result.stderr) == (0, "")
