@@ -2,7 +2,7 @@
 
 For each backend and worker count: the same N bookings are produced first (a backlog),
 then drained once by labkit worker processes (``workflow=noop``: validate, record
-completion, acknowledge) and once by the raw loops of ``raw_consumers.py``. Throughput is
+completion, acknowledge) and once by the raw loops of ``raw_clients.py``. Throughput is
 N divided by the time from the first message received to the last one acknowledged, so
 process start-up and group joins are not counted against either side.
 
@@ -58,7 +58,7 @@ def raw_rate(backend: str, config: Config, count: int, workers: int, concurrency
         subprocess.Popen(
             [
                 sys.executable,
-                str(ROOT / "benchmarks" / "raw_consumers.py"),
+                str(ROOT / "benchmarks" / "raw_clients.py"),
                 "--backend",
                 backend,
                 "--name",

@@ -310,3 +310,68 @@ def drill_process_hygiene(backend: str, csv_path: Path | None) -> None:
     from labkit import drills
 
     _report(drills.process_hygiene(backend), csv_path)
+
+
+@cli.command()
+@click.option(
+    "--workload",
+    "-w",
+    default="smoke",
+    show_default=True,
+    metavar="NAME|FILE.yaml",
+    help="A named workload (see --list) or a YAML file of Workload fields.",
+)
+@click.option(
+    "--backend",
+    "-b",
+    "backends",
+    multiple=True,
+    type=click.Choice(BACKENDS),
+    help="Backend to measure; repeat for several [default: all three].",
+)
+@click.option("--repetitions", "-r", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option("--rate", type=click.FloatRange(0), default=None, help="Override the workload's msg/s (0: max-rate).")
+@click.option("--duration", type=click.FloatRange(1, 3600), default=None, help="Override the run time in seconds.")
+@click.option("--warmup", type=click.FloatRange(0, 3600), default=None, help="Override the warm-up in seconds.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the results [default: $LABKIT_HOME/bench/<workload>-<time>].",
+)
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True)
+@click.option("--list", "list_workloads", is_flag=True, help="List the named workloads and exit.")
+def bench(
+    workload: str,
+    backends: tuple[str, ...],
+    repetitions: int,
+    rate: float | None,
+    duration: float | None,
+    warmup: float | None,
+    out: Path | None,
+    fmt: str,
+    list_workloads: bool,
+) -> None:
+    """Run one workload on the backends, as lesson 08 does, and save tidy results with their metadata.
+
+    Latency is end to end (intended send time to processing finished, open loop); the table shows the median of
+    the repetitions with min-max. Needs the stack (`labkit up`) or docker compose's servers.
+    """
+    from labkit import bench as harness
+
+    if list_workloads:
+        for named in harness.WORKLOADS.values():
+            click.echo(f"{named.name:<14} {named.description}")
+        return
+    chosen = harness.get_workload(workload)
+    overrides = {"rate": rate, "duration_s": duration, "warmup_s": warmup}
+    chosen = chosen.replace(**{k: v for k, v in overrides.items() if v is not None})
+    config = Config.from_env()
+    result = harness.run_bench(chosen, backends or BACKENDS, repetitions, config, progress=sys.stderr.isatty())
+    folder = out or config.home / "bench" / f"{chosen.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result.save(folder, fmt)
+    table = result.medians()
+    columns = ["throughput_per_s", "p50_ms", "p99_ms", "p999_ms", "max_ms", "recovery_s", "server"]
+    click.echo(f"workload {chosen.name}: {chosen.description or chosen}")
+    click.echo(table[columns].to_string(float_format=lambda v: f"{v:,.1f}"))
+    click.echo(f"results: {folder}")

@@ -23,6 +23,7 @@ from labkit.backends import get_backend
 from labkit.config import BACKENDS, Config
 from labkit.errors import BrokerUnavailable, LabkitError
 from labkit.events import EventLog
+from labkit.latency import LatencyRecorder
 from labkit.workflow import BookingHandler, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,14 @@ async def run_worker(
     try:
         async with backend:
             await backend.setup()
-            handler = BookingHandler(backend.ledger, events, settings, run_dir)
-            events.emit("ready", concurrency=settings.concurrency, settings=settings.__dict__)
-            await backend.consume(handler, stop)
+            if settings.workflow == "bench":
+                async with LatencyRecorder(run_dir, worker_id, settings) as recorder:
+                    events.emit("ready", concurrency=settings.concurrency, settings=settings.__dict__)
+                    await backend.consume_batches(recorder, stop, worker_id)
+            else:
+                handler = BookingHandler(backend.ledger, events, settings, run_dir)
+                events.emit("ready", concurrency=settings.concurrency, settings=settings.__dict__)
+                await backend.consume(handler, stop)
             events.emit("stopped", cold=False)
     except LabkitError as e:
         events.emit("stopped", cold=False, error=str(e))
@@ -120,10 +126,10 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--workflow",
-    type=click.Choice(["booking", "noop"]),
+    type=click.Choice(["booking", "noop", "bench"]),
     default="booking",
     show_default=True,
-    help="The five booking steps, or only validate-and-ack to measure the queue itself.",
+    help="The five booking steps; only validate-and-ack; or the comparison harness's consumer (labkit bench).",
 )
 @click.option(
     "--step-ms",

@@ -80,7 +80,9 @@ class WorkerSettings:
             further retry, Redis Streams uses it as the XAUTOCLAIM min-idle time.
         idempotent: guard every effect with a per-booking marker.
         workflow: ``"booking"`` runs the five steps with their effects; ``"noop"`` only
-            validates and records completion, for measuring the queue itself.
+            validates and records completion, for measuring the queue itself; ``"bench"``
+            is the comparison harness's consumer (``labkit.bench``): no booking workflow,
+            ``step_ms`` of I/O and ``cpu_ms`` of CPU per message, its latency noted.
         step_ms: simulated I/O time of each step (``asyncio.sleep``), for scaling lessons.
         cpu_ms: CPU-bound work per booking (a busy loop that holds the GIL).
         options: backend-specific tuning in the backend's own words, e.g.
@@ -313,7 +315,7 @@ class BookingHandler:
         if booking.fault.slow_ms:
             await asyncio.sleep(booking.fault.slow_ms / 1000.0)
         if settings.cpu_ms:
-            _burn_cpu(settings.cpu_ms)
+            burn_cpu(settings.cpu_ms)
         if settings.workflow == "noop":
             return
         await self._step()  # validate: parse_booking already checked the schema
@@ -367,7 +369,7 @@ def _write_new(folder: Path, booking_id: str, suffix: str, text: str, idempotent
             (folder / f"{booking_id}.{uuid.uuid4().hex[:8]}{suffix}").write_text(text, encoding="utf-8")
 
 
-def _burn_cpu(ms: float) -> None:
+def burn_cpu(ms: float) -> None:
     """Keep one core busy for ``ms`` of this thread's CPU time.
 
     CPU time, not wall time: with more busy processes than cores each one gets a share of a
