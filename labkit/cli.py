@@ -372,6 +372,10 @@ def bench(
     result.save(folder, fmt)
     table = result.medians()
     columns = ["throughput_per_s", "p50_ms", "p99_ms", "p999_ms", "max_ms", "recovery_s", "server"]
-    click.echo(f"workload {chosen.name}: {chosen.description or chosen}")
+    pace = f"{chosen.rate:g} msg/s" if chosen.rate else "max-rate"
+    click.echo(
+        f"workload {chosen.name}: {pace} for {chosen.duration_s:g} s ({chosen.warmup_s:g} s warm-up), "
+        f"{chosen.consumers} consumers x {chosen.concurrency}, work {chosen.work}; median of {repetitions}"
+    )
     click.echo(table[columns].to_string(float_format=lambda v: f"{v:,.1f}"))
     click.echo(f"results: {folder}")
