@@ -69,10 +69,12 @@ TIMELINE_LABELS = {
 PRODUCTS = {"bullmq": "BullMQ", "streams": "Redis Streams", "kafka": "Kafka"}
 
 
+#: The colour every lesson gives a backend.
+BACKEND_COLORS = {"bullmq": "#d62728", "streams": "#1f77b4", "kafka": "#2ca02c"}
+
+
 def backend_color(backend: str) -> str:
     """The colour every lesson gives a backend."""
-    from labkit.scaling import BACKEND_COLORS
-
     return BACKEND_COLORS.get(backend, "#777777")
 
 

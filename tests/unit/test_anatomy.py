@@ -1,11 +1,11 @@
-"""The pure parts of lesson 01's message anatomy (labkit/anatomy.py): ids, partitions, send order, speedups."""
+"""The pure parts of lesson 01's message anatomy (labkit/lessons/anatomy.py): ids, partitions, send order, speedups."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from labkit import anatomy
+from labkit.lessons import anatomy
 
 
 def test_entry_ids_split_into_milliseconds_and_sequence() -> None:

@@ -7,8 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from labkit import bench, comparison, latency
+from labkit import bench, latency
 from labkit.bench import BenchResult
+from labkit.lessons import comparison
 
 SERVERS = {"redis": "Valkey 9.1.2", "kafka": "Tansu 0.6.0-510f3e2 (embedded, memory only)"}
 BACKENDS = ["bullmq", "streams", "kafka"]

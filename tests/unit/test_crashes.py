@@ -8,8 +8,8 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from labkit import crashes
-from labkit.crashes import Kill
+from labkit.lessons import crashes
+from labkit.lessons.crashes import Kill
 
 matplotlib.use("Agg")
 

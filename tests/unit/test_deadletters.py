@@ -9,9 +9,9 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from labkit import deadletters
 from labkit.booking import encode, parse_booking
 from labkit.errors import BadMessage
+from labkit.lessons import deadletters
 
 matplotlib.use("Agg")
 

@@ -9,7 +9,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from labkit import groups
+from labkit.lessons import groups
 
 matplotlib.use("Agg")
 

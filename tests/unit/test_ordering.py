@@ -1,4 +1,4 @@
-"""Order analysis on synthetic event logs whose answers are known (labkit/ordering.py)."""
+"""Order analysis on synthetic event logs whose answers are known (labkit/lessons/ordering.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from labkit import ordering
+from labkit.lessons import ordering
 
 Span = tuple[int, float, float, str]  # seq, start, end, outcome of one attempt
 

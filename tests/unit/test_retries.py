@@ -9,7 +9,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from labkit import retries
+from labkit.lessons import retries
 from labkit.workflow import WorkerSettings
 
 matplotlib.use("Agg")

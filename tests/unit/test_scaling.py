@@ -9,7 +9,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from labkit import scaling
+from labkit.lessons import scaling
 from labkit.workflow import WorkerSettings
 
 matplotlib.use("Agg")

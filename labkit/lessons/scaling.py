@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labkit.booking import BookingGenerator
+from labkit.charts import backend_color
 from labkit.config import Config
 from labkit.errors import LabkitError
-from labkit.groups import assignment_table, wait_for_assignment
 from labkit.lab import produce, with_backend
+from labkit.lessons.groups import assignment_table, wait_for_assignment
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
@@ -49,7 +50,6 @@ RESULT_COLUMNS = [
     "partitions", "idle consumers",
 ]  # fmt: skip
 SAMPLE_COLUMNS = ["backend", "workers", "t", "backlog", "in_flight", "completed"]
-BACKEND_COLORS = {"bullmq": "#d62728", "streams": "#1f77b4", "kafka": "#2ca02c"}
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def plot_throughput(results: pd.DataFrame, backend: str, ax: Axes | None = None,
     mine = results[results["backend"] == backend].sort_values("workers")
     counts = list(mine["workers"])
     positions = range(len(counts))
-    bars = ax.bar(positions, mine["throughput"], color=BACKEND_COLORS.get(backend, "#777777"), alpha=0.8)
+    bars = ax.bar(positions, mine["throughput"], color=backend_color(backend), alpha=0.8)
     ax.bar_label(bars, labels=[f"{v:.0f}" for v in mine["throughput"]], label_type="center", fontsize=8, color="white")
     partitions = mine["partitions"].dropna()
     limits: dict[str, int] = {}
