@@ -13,12 +13,12 @@ The acks experiment leaves its topic for a look; :func:`drop_scratch` removes wh
 from __future__ import annotations
 
 import json
-import logging
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from labkit.backends.kafka.settings import client_config, producer_config
 from labkit.booking import encode
 from labkit.config import Config, check_backend
 from labkit.errors import BackendError
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from confluent_kafka import Producer
     from matplotlib.axes import Axes
 
-log = logging.getLogger(__name__)
 
 #: BullMQ's default key prefix: a job lives in the hash ``bull:<queue>:<job id>``.
 BULLMQ_PREFIX = "bull"
@@ -52,27 +51,12 @@ BULLMQ_FIELDS = {
     "stacktrace": "the last errors' stack traces",
 }
 
-#: Settings the lab's own Kafka producer uses (labkit.backends.kafka), in librdkafka's words.
-_LAB_PRODUCER = {
-    "acks": "all",
-    "enable.idempotence": True,
-    "linger.ms": 5,
-    "partitioner": "murmur2_random",
-    "allow.auto.create.topics": False,
-}
 _KAFKA_TIMEOUT_S = 10.0
 
 
-class _QuietClientLog:
-    """librdkafka logs through this at DEBUG instead of writing to the notebook's stderr."""
-
-    def log(self, level: int, message: str, *args: Any) -> None:
-        log.debug(message, *args)
-
-
 def _client(config: Config) -> dict[str, Any]:
-    """Settings every Kafka client here shares."""
-    return {"bootstrap.servers": config.kafka_bootstrap, "logger": _QuietClientLog()}
+    """Settings every Kafka client here shares (the lab's own: address and a quiet log)."""
+    return client_config(config.kafka_bootstrap)
 
 
 def scratch_name(config: Config) -> str:
@@ -317,7 +301,7 @@ def _delete_topic(config: Config, topic: str) -> None:
 def _producer(config: Config, **settings: Any) -> Producer:
     from confluent_kafka import Producer
 
-    return Producer({**_client(config), **_LAB_PRODUCER, **settings})
+    return Producer({**producer_config(config.kafka_bootstrap), **settings})
 
 
 def _kafka_settings(acks: str, idempotent: bool, linger_ms: float, batch_size: int | None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from labkit.backends.kafka.settings import HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS
 from labkit.booking import BookingGenerator
 from labkit.config import BACKENDS, Config
 from labkit.events import load_run
@@ -46,9 +47,9 @@ if TYPE_CHECKING:
 
 #: Handler slots per worker: enough that the survivor has a free one when the booking comes back.
 CONCURRENCY = 4
-#: Librdkafka settings of the lab's Kafka workers (labkit/backends/kafka.py), needed for the bounds.
-KAFKA_SESSION_TIMEOUT_S = 6.0
-KAFKA_HEARTBEAT_INTERVAL_S = 2.0
+#: Librdkafka settings of the lab's Kafka workers (labkit/backends/kafka/settings.py), needed for the bounds.
+KAFKA_SESSION_TIMEOUT_S = SESSION_TIMEOUT_MS / 1000
+KAFKA_HEARTBEAT_INTERVAL_S = HEARTBEAT_INTERVAL_MS / 1000
 #: Two processes' monotonic clocks and Redis' millisecond clock: allow this much when comparing times.
 CLOCK_SLACK_S = 0.05
 #: How often the driver looks at the brokers while it waits.
