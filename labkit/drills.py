@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -898,6 +899,11 @@ def slow_consumer(
     config = _drill_config(config)
     good, bad, fault = _SLOW[backend]
     settings = good if protected else bad
+    if backend == "streams":
+        # A consumer claims only into free handler slots: with every slot of every worker busy, nobody would
+        # claim the slow entries and the unprotected run could show no duplicate at all. With as many slots
+        # per worker as bookings, some worker always has a free slot while a booking runs.
+        settings = dataclasses.replace(settings, concurrency=max(settings.concurrency, count))
     if backend == "bullmq" and not protected:
         fault = {}  # the slowness is cpu_ms (blocking), not an awaited sleep
     result = DrillResult("slow-consumer", backend, 0, detail={"protected": protected, "fault": fault})
