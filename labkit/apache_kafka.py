@@ -88,6 +88,8 @@ SERVER_SETTINGS = {
     "background.threads": "2",
     # The log cleaner reserves 128 MiB of heap by default; the lab compacts little.
     "log.cleaner.dedupe.buffer.size": "8388608",
+    # Retention is checked every 5 min by default; every 5 s lets a lesson see an expired segment go.
+    "log.retention.check.interval.ms": "5000",
 }
 
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from labkit import lab
+from labkit import apache_kafka, lab
 from labkit.backends import Backend
 from labkit.booking import BookingGenerator
-from labkit.config import BACKENDS, Config
+from labkit.config import BACKENDS, KAFKA_BROKERS, Config
 from labkit.errors import LabkitError
 from labkit.stack import ServiceStatus, Stack
 from labkit.worker import worker_command
@@ -87,19 +87,73 @@ _backend_option = click.option(
 )
 
 
+_kafka_option = click.option(
+    "--kafka",
+    "kafka",
+    type=click.Choice(KAFKA_BROKERS),
+    default=None,
+    help="The Kafka-protocol broker to start: embedded (Tansu, memory only) or apache (Apache Kafka, KRaft, "
+    "durable; needs Java 17 and Maven or LABKIT_KAFKA_HOME) [default: $LABKIT_KAFKA or embedded].",
+)
+
+
+def _config(kafka: str | None) -> Config:
+    return Config.from_env(**({"kafka": kafka} if kafka else {}))
+
+
 @cli.command()
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for both servers to be healthy.")
-def up(timeout: float) -> None:
+@_kafka_option
+@click.option("--timeout", default=None, type=float, help="Seconds to wait for both servers [default: 30, apache 120].")
+def up(kafka: str | None, timeout: float | None) -> None:
     """Start the local Redis and Kafka-protocol broker, unless healthy servers already answer at the configured
     addresses, and return when both are healthy.
 
     The servers keep running after this command ends; `labkit down` stops them. The embedded broker keeps
-    everything in memory: after a restart its topics are gone.
+    everything in memory: after a restart its topics are gone. Apache Kafka (--kafka apache) keeps its log in
+    the state folder, so its topics, offsets and groups survive `down` and `up`.
     """
-    config = Config.from_env()
-    for s in Stack(config).up(timeout):
+    config = _config(kafka)
+    if config.kafka == "apache" and apache_kafka.locate(config) is None:
+        [broker] = Stack(config, services=["kafka"]).status()
+        if not broker.healthy:  # a Kafka already answering needs no jars
+            _fetch_jars(config)
+    for s in Stack(config).up(timeout if timeout is not None else (120 if config.kafka == "apache" else 30)):
         click.echo(_line(s))
     _after_up(config)
+
+
+def _fetch_jars(config: Config) -> apache_kafka.Distribution:
+    """Fetch Apache Kafka's jars with Maven, showing one progress line that rewrites itself on a terminal."""
+    apache_kafka.find_java()  # what is missing is said before anything starts
+    apache_kafka.find_maven()
+    tty = sys.stderr.isatty()
+    click.echo(f"fetching Apache Kafka {apache_kafka.KAFKA_VERSION} with Maven (once; about 45 MB)...", err=True)
+
+    def progress(line: str) -> None:
+        if tty:
+            click.echo(f"\r\033[K{line}", err=True, nl=False)
+
+    dist = apache_kafka.fetch(config, progress)
+    if tty:
+        click.echo("\r\033[K", err=True, nl=False)
+    click.echo(f"Apache Kafka {dist.version} jars ready: {dist.source}", err=True)
+    return dist
+
+
+@cli.group("kafka")
+def kafka_group() -> None:
+    """Apache Kafka beside the embedded broker: fetch its jars, see where they are."""
+
+
+@kafka_group.command("fetch")
+def kafka_fetch() -> None:
+    """Fetch Apache Kafka's jars with Maven into the state folder (what `labkit up --kafka apache` does first).
+
+    Skipped when LABKIT_KAFKA_HOME points at an unpacked Apache Kafka, or the jars are already there.
+    """
+    config = Config.from_env()
+    dist = apache_kafka.locate(config) or _fetch_jars(config)
+    click.echo(f"Apache Kafka {dist.version}: {dist.source}")
 
 
 @cli.command()
@@ -206,10 +260,13 @@ def stats(backend: str, as_json: bool) -> None:
 
 
 @cli.command("lab", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@_kafka_option
 @click.pass_context
-def open_lab(ctx: click.Context) -> None:
+def open_lab(ctx: click.Context, kafka: str | None) -> None:
     """Start the stack (as `labkit up`) and open JupyterLab on the lessons; extra arguments go to JupyterLab."""
-    ctx.invoke(up)
+    ctx.invoke(up, kafka=kafka)
+    if kafka:
+        os.environ["LABKIT_KAFKA"] = kafka  # the kernels' labkit then knows which broker it runs on
     args = [sys.executable, "-m", "jupyter", "lab", str(NOTEBOOKS), *ctx.args]
     if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in args:
         args.append("--allow-root")  # containers and CI run as root; Jupyter refuses otherwise

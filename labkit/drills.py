@@ -32,9 +32,7 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,13 +45,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labkit import apache_kafka, lab
+from labkit import lab
 from labkit.backends import get_backend
 from labkit.booking import MAX_MESSAGE_BYTES, MAX_NESTING, BookingGenerator, encode
 from labkit.config import Config
 from labkit.errors import LabkitError
 from labkit.pool import REPO_ROOT, WorkerPool
-from labkit.stack import Stack
+from labkit.stack import PrivateStack
 from labkit.workflow import WorkerSettings, count_effects
 
 if TYPE_CHECKING:
@@ -142,55 +140,6 @@ def _drill_config(config: Config | None) -> Config:
     """The lab's config with a fresh namespace, so a drill never mixes with a lesson's data."""
     base = config or Config.from_env()
     return base.with_(namespace=f"{base.namespace}drill{uuid.uuid4().hex[:6]}-")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_port_pair() -> int:
-    """A free port whose successor is free too: Apache Kafka's controller listens on the client port + 1."""
-    for _ in range(50):
-        port = _free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise LabkitError("found no two free neighbouring ports on 127.0.0.1 for a private Kafka broker")
-
-
-class _PrivateStack(Stack):
-    """A stack of the drill's own (free ports, temporary home), optionally Redis only; restartable per service.
-
-    Its Kafka is the same kind as the lab's (``Config.kafka``); an Apache Kafka one runs from the lab's jars.
-    """
-
-    def __init__(self, with_kafka: bool, namespace: str, lab_config: Config | None = None) -> None:
-        lab_config = lab_config or Config.from_env()
-        self.home = Path(tempfile.mkdtemp(prefix="labkit-drill-"))
-        super().__init__(
-            Config(
-                redis_url=f"redis://127.0.0.1:{_free_port()}/0",
-                kafka_bootstrap=f"127.0.0.1:{_free_port_pair()}",
-                namespace=namespace,
-                home=self.home,
-                kafka=lab_config.kafka,
-            ),
-            services=("redis", "kafka") if with_kafka else ("redis",),
-        )
-        if with_kafka and lab_config.kafka == "apache":
-            jars = apache_kafka.locate(lab_config)
-            if jars is not None and jars.libs == apache_kafka.cache_dir(lab_config):  # share the cache, no fetch
-                apache_kafka.cache_dir(self.config).parent.mkdir(parents=True)
-                apache_kafka.cache_dir(self.config).symlink_to(jars.libs, target_is_directory=True)
-
-    def close(self) -> None:
-        self.down()
-        shutil.rmtree(self.home, ignore_errors=True)
 
 
 class _Producer(threading.Thread):
@@ -499,7 +448,7 @@ def redis_restart(
     """
     if backend not in ("bullmq", "streams"):
         raise LabkitError(f"redis-restart drills BullMQ and Streams; {backend!r} keeps its work in Kafka")
-    stack = _PrivateStack(with_kafka=False, namespace="drill-")
+    stack = PrivateStack(with_kafka=False, namespace="drill-")
     result = DrillResult("redis-restart", backend, seconds, detail={"hard": hard})
     try:
         stack.up()
@@ -556,7 +505,7 @@ def kafka_restart(
     Kafka) none acknowledged before it either; the embedded broker's loss is reported, not a failure.
     """
     lab_config = Config.from_env()
-    stack = _PrivateStack(with_kafka=True, namespace="drill-", lab_config=lab_config)
+    stack = PrivateStack(with_kafka=True, namespace="drill-", lab_config=lab_config)
     durable = lab_config.kafka == "apache"
     result = DrillResult("kafka-restart", "kafka", seconds)
     try:

@@ -757,6 +757,68 @@ class Stack:
         return stopped
 
 
+def free_port(neighbour_free: bool = False) -> int:
+    """A port nobody listens on at 127.0.0.1; with ``neighbour_free``, one whose successor is free too.
+
+    Apache Kafka's controller listens on the client port + 1 (``labkit.apache_kafka.controller_port``).
+
+    Raises:
+        StackError: no such port found.
+    """
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((BIND_ADDRESS, 0))
+            port = int(s.getsockname()[1])
+        if not neighbour_free:
+            return port
+        with socket.socket() as s:
+            try:
+                s.bind((BIND_ADDRESS, port + 1))
+            except OSError:
+                continue
+        return port
+    raise StackError("found no two free neighbouring ports on 127.0.0.1 for a private Kafka broker")
+
+
+class PrivateStack(Stack):
+    """A throwaway stack of its own (free ports, a temporary state folder), e.g. for a drill that restarts a broker.
+
+    Its Kafka is the same kind as the lab's (``lab_config.kafka``); an Apache Kafka one runs from the lab's jars
+    (a link to its cache, so nothing is fetched). ``close()`` stops it and deletes its folder.
+
+    Args:
+        with_kafka: run the Kafka-protocol broker too, not Redis alone.
+        namespace: the namespace of its config.
+        lab_config: the lab whose broker kind and jars to use (default: from the environment).
+    """
+
+    def __init__(self, with_kafka: bool, namespace: str = "", lab_config: Config | None = None) -> None:
+        import tempfile
+
+        lab_config = lab_config or Config.from_env()
+        self.home = Path(tempfile.mkdtemp(prefix="labkit-private-"))
+        super().__init__(
+            Config(
+                redis_url=f"redis://{BIND_ADDRESS}:{free_port()}/0",
+                kafka_bootstrap=f"{BIND_ADDRESS}:{free_port(neighbour_free=True)}",
+                namespace=namespace,
+                home=self.home,
+                kafka=lab_config.kafka,
+            ),
+            services=SERVICES if with_kafka else ("redis",),
+        )
+        if with_kafka and lab_config.kafka == "apache":
+            jars = apache_kafka.locate(lab_config)
+            if jars is not None:
+                cache = apache_kafka.cache_dir(self.config)
+                cache.parent.mkdir(parents=True)
+                cache.symlink_to(jars.libs, target_is_directory=True)
+
+    def close(self) -> None:
+        self.down()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
 def up(config: Config | None = None, timeout: float = 30) -> list[ServiceStatus]:
     """Start the local stack for ``config`` (default: from the environment); see :meth:`Stack.up`."""
     return Stack(config or Config.from_env()).up(timeout)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from labkit import apache_kafka
 from labkit.config import DEFAULT_KAFKA_BOOTSTRAP, DEFAULT_REDIS_URL, Config, parse_bootstrap, parse_redis_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,3 +137,14 @@ def test_lab_image_runs_jupyterlab_on_the_notebooks(compose: dict[str, Any]) -> 
     assert dockerfile.startswith("FROM python:3.11-slim")
     assert "pip install --no-cache-dir -e ." in dockerfile
     assert 'CMD ["jupyter", "lab", "--ip", "0.0.0.0", "--no-browser", "notebooks/"]' in dockerfile
+
+
+def test_kafka_is_the_version_and_settings_labkit_up_runs(compose: dict[str, Any]) -> None:
+    """`docker compose up` and `labkit up --kafka apache` run the same Apache Kafka, configured the same way."""
+    kafka = _services(compose)["kafka"]
+    assert kafka["image"] == f"apache/kafka:{apache_kafka.KAFKA_VERSION}"
+    env = _env(kafka)
+    # The image turns KAFKA_A_B into a.b (docker/README.md of apache/kafka: "_" is ".", "__" is "_").
+    for key, value in apache_kafka.SERVER_SETTINGS.items():
+        name = "KAFKA_" + key.replace("_", "__").replace(".", "_").upper()
+        assert env.get(name) == value, f"{name} should be {value}, as labkit/apache_kafka.py sets {key}"

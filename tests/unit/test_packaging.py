@@ -43,12 +43,12 @@ def _fenced_command(marker: str) -> str:
     return match.group(1).strip()
 
 
-def test_ci_runs_the_readme_test_command() -> None:
+def test_ci_runs_the_readme_test_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     commands = [
         line for line in ci if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))
     ]
-    assert commands == [_fenced_command("test-command")]
+    assert commands == [_fenced_command("test-command"), _fenced_command("test-command-apache")]
 
 
 def test_readme_lab_command_uses_the_console_entry() -> None:

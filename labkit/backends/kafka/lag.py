@@ -25,14 +25,14 @@ from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from labkit.errors import BackendError, BrokerUnavailable
+from labkit.backends.kafka.records import headers_of
+from labkit.backends.kafka.settings import CONNECT_TIMEOUT_S, unavailable
+from labkit.errors import BackendError
 
 #: Records asked for per consume() call while reading; big enough to drain a fetch at once.
 _BATCH = 1000
 #: One consume() wait while reading: short, so a call returns as soon as every partition answered.
 _WAIT_S = 0.02
-#: A broker that has not answered a metadata request by then is down: say so, do not hang.
-_CONNECT_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,9 @@ def _partitions(consumer: Consumer, topics: list[str], bootstrap: str) -> list[T
     missing topic makes the embedded broker create it, with 4 partitions.
     """
     try:
-        metadata = consumer.list_topics(timeout=_CONNECT_TIMEOUT_S)
+        metadata = consumer.list_topics(timeout=CONNECT_TIMEOUT_S)
     except KafkaException:
-        raise BrokerUnavailable(f"Kafka is not answering at {bootstrap}; start the lab with `labkit up`") from None
+        raise unavailable(bootstrap) from None
     return [
         TopicPartition(topic, partition)
         for topic in topics
@@ -115,8 +115,6 @@ def _fetch_once(
             if where not in todo:
                 continue
             if keep is not None and not at_end:
-                headers = message.headers() or []
-                pairs = headers.items() if isinstance(headers, dict) else headers
                 keep.append(
                     Record(
                         topic=where[0],
@@ -124,7 +122,7 @@ def _fetch_once(
                         offset=cast(int, message.offset()),
                         key=message.key(),
                         value=message.value() or b"",
-                        headers={n: v.encode() if isinstance(v, str) else v or b"" for n, v in pairs},
+                        headers=headers_of(message),
                     )
                 )
                 continue
@@ -154,9 +152,9 @@ def group_lag(
         if not partitions:
             return {}
         try:
-            committed = consumer.committed(partitions, timeout=_CONNECT_TIMEOUT_S)
+            committed = consumer.committed(partitions, timeout=CONNECT_TIMEOUT_S)
         except KafkaException:
-            raise BrokerUnavailable(f"Kafka is not answering at {bootstrap}; start the lab with `labkit up`") from None
+            raise unavailable(bootstrap) from None
         # Start where the group would resume, so a fetch downloads at most one batch of backlog.
         consumer.assign(
             [
