@@ -1,8 +1,12 @@
-"""How long `labkit up` takes from cold (nothing running) to both servers healthy.
+"""How long `labkit up` takes from cold (nothing running) to both servers healthy, on each Kafka broker.
 
-Runs on its own ports and a throw-away state folder, so a running lab is not touched.
+Runs on its own ports and a throw-away state folder, so a running lab is not touched. Apache Kafka starts from
+jars already cached (the lab's, or fetched once before the clock starts): its first start in a new state folder
+also formats the log, every later one opens the log it left and maps the class-data-sharing archive that the
+first clean shutdown wrote; a start without that archive shows what the archive saves.
 
-    python benchmarks/stack_startup.py --repeat 5
+    python benchmarks/stack_startup.py --repeat 5                 # embedded broker, then Apache Kafka
+    python benchmarks/stack_startup.py --repeat 5 --kafka apache
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from labkit.config import Config
+from labkit import apache_kafka
+from labkit.config import KAFKA_BROKERS, Config
 from labkit.stack import Stack
 
 
@@ -56,6 +61,28 @@ def measure_cli(repeat: int, redis_port: int, kafka_port: int) -> list[float]:
     return seconds
 
 
+def measure_apache(repeat: int, kafka_port: int) -> dict[str, list[float]]:
+    """Apache Kafka alone: the first start (formats the log), warm starts, and starts without the CDS archive."""
+    found: dict[str, list[float]] = {"first": [], "warm": [], "no_archive": []}
+    lab = Config.from_env()
+    with tempfile.TemporaryDirectory(prefix="labkit-bench-") as home:
+        config = Config(kafka_bootstrap=f"127.0.0.1:{kafka_port}", home=Path(home), kafka="apache")
+        jars = apache_kafka.locate(lab) or apache_kafka.fetch(lab)  # fetched before the clock starts
+        apache_kafka.cache_dir(config).parent.mkdir(parents=True)
+        apache_kafka.cache_dir(config).symlink_to(jars.libs, target_is_directory=True)
+        stack = Stack(config, services=["kafka"])
+        java = apache_kafka.find_java()
+        for kind, runs in (("first", 1), ("warm", repeat), ("no_archive", repeat)):
+            for _ in range(runs):
+                if kind == "no_archive":
+                    apache_kafka.cds_archive(config, java, jars).unlink(missing_ok=True)
+                started = time.perf_counter()
+                stack.up(timeout=180)
+                found[kind].append(time.perf_counter() - started)
+                stack.down()
+    return found
+
+
 def _report(what: str, seconds: list[float]) -> None:
     runs = " ".join(f"{s:.2f}" for s in seconds)
     low, high = min(seconds), max(seconds)
@@ -67,12 +94,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--redis-port", type=int, default=16590)
     parser.add_argument("--kafka-port", type=int, default=19590)
+    parser.add_argument("--kafka", choices=[*KAFKA_BROKERS, "both"], default="both")
     args = parser.parse_args()
-    _report("Stack.up(), cold to healthy", measure(args.repeat, args.redis_port, args.kafka_port))
-    _report(
-        "`python -m labkit up` (also creates the destinations)",
-        measure_cli(args.repeat, args.redis_port, args.kafka_port),
-    )
+    if args.kafka in ("embedded", "both"):
+        _report("Stack.up(), cold to healthy", measure(args.repeat, args.redis_port, args.kafka_port))
+        _report(
+            "`python -m labkit up` (also creates the destinations)",
+            measure_cli(args.repeat, args.redis_port, args.kafka_port),
+        )
+    if args.kafka in ("apache", "both"):
+        apache = measure_apache(args.repeat, args.kafka_port)
+        _report("Apache Kafka, first start in a new state folder (formats the log)", apache["first"])
+        _report("Apache Kafka, cold to healthy (log and CDS archive in place)", apache["warm"])
+        _report("Apache Kafka, cold to healthy without the CDS archive", apache["no_archive"])
 
 
 if __name__ == "__main__":

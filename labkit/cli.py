@@ -305,15 +305,29 @@ def _report(result: Any, csv_path: Path | None) -> None:
 @click.option("--workers", type=click.IntRange(1, 16), default=3, show_default=True)
 @click.option("--rate", type=click.FloatRange(1, 5000), default=40.0, show_default=True, help="Bookings per second.")
 @click.option("--idempotent/--no-idempotent", default=True, show_default=True, help="Guard effects per booking.")
+@click.option(
+    "--repairs/--no-repairs",
+    default=True,
+    show_default=True,
+    help="Kafka: the embedded broker's group repairs (labkit/backends/kafka/quirks.py); off, the broker alone.",
+)
 @click.option("--seed", type=int, default=None, help="Seed of the kill schedule.")
 @_csv_option
 def drill_worker_kills(
-    backend: str, seconds: float, workers: int, rate: float, idempotent: bool, seed: int | None, csv_path: Path | None
+    backend: str,
+    seconds: float,
+    workers: int,
+    rate: float,
+    idempotent: bool,
+    repairs: bool,
+    seed: int | None,
+    csv_path: Path | None,
 ) -> None:
     """SIGKILL random workers (and replace them) while a producer runs; 0 lost, double effects counted."""
     from labkit import drills
 
-    _report(drills.worker_kills(backend, seconds, workers, rate, idempotent, seed=seed), csv_path)
+    result = drills.worker_kills(backend, seconds, workers, rate, idempotent, seed=seed, broker_repairs=repairs)
+    _report(result, csv_path)
 
 
 @drill.command("redis-restart")

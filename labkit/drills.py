@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit import lab
 from labkit.backends import get_backend
+from labkit.backends.kafka import quirks
 from labkit.booking import MAX_MESSAGE_BYTES, MAX_NESTING, BookingGenerator, encode
 from labkit.config import Config
 from labkit.errors import LabkitError
@@ -299,6 +300,8 @@ def _audit(
     )
     if result.lost:
         result.detail["lost_ids"] = sorted(ids - ledger.completed - ledger.dead)[:20]
+    if result.backend == "kafka":  # what the embedded broker's repairs had to do in this run (quirks.py)
+        result.detail["broker_repairs"] = quirks.Repairs(config).counts()
     return ledger
 
 
@@ -369,12 +372,15 @@ def worker_kills(
     config: Config | None = None,
     seed: int | None = None,
     settle_timeout: float = SETTLE_TIMEOUT_S,
+    broker_repairs: bool = True,
 ) -> DrillResult:
     """SIGKILL a random worker at random intervals (and start a replacement) while a producer runs.
 
     Passes (``ok``) when no acknowledged booking is lost, no worker died unasked, and, with
     idempotency on, no effect was applied twice. With ``idempotent=False`` the double effects
     the duplicates caused are reported, and are not a failure: they are the lesson.
+    ``broker_repairs=False`` runs Kafka workers without the embedded broker's group repairs
+    (``labkit.backends.kafka.quirks``): on Apache Kafka the group must recover by itself.
 
     ``recovery_s``: the worst time, over all kills, from the kill to the first completion
     after it of a booking the killed worker had received and not finished.
@@ -386,6 +392,9 @@ def worker_kills(
     # Kafka runs one booking at a time per partition (per-key order): 3 partitions of 150 ms bookings do
     # 20 a second, less than the 40 produced, and the backlog would swamp what a kill costs.
     options = {"partitions": str(KILL_PARTITIONS_PER_WORKER * workers)} if backend == "kafka" else {}
+    if backend == "kafka":
+        options["broker_repairs"] = "on" if broker_repairs else "off"
+        result.detail["broker_repairs_on"] = broker_repairs
     settings = WorkerSettings(concurrency=4, idempotent=idempotent, step_ms=CHAOS_STEP_MS, options=options)
     lab.with_backend(backend, lambda b: b.setup(), config, settings)
     kills: list[tuple[float, str]] = []

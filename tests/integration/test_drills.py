@@ -35,6 +35,24 @@ def test_worker_kills_lose_nothing_and_double_nothing(lab_config: Config, backen
     assert result.detail["kills"] >= 1
     assert result.produced == seconds * 30
     assert result.double_effects == 0
+    if backend == "kafka" and lab_config.kafka == "apache":
+        # The embedded broker's repairs stay idle on Apache Kafka: its group recovers from kills by itself.
+        assert set(result.detail["broker_repairs"].values()) == {0}, result.detail["broker_repairs"]
+
+
+@pytest.mark.redis
+@pytest.mark.kafka
+@pytest.mark.apache_kafka
+@pytest.mark.timeout(150)
+def test_apache_kafka_needs_none_of_the_embedded_brokers_repairs(lab_config: Config) -> None:
+    """With the group repairs off, Apache Kafka alone hands a killed worker's partitions over: 0 lost."""
+    result = drills.worker_kills(
+        "kafka", seconds=15, workers=3, rate=30, config=lab_config, seed=11, broker_repairs=False
+    )
+    assert_kept_its_promise(result)
+    assert result.detail["kills"] >= 1 and result.detail["broker_repairs_on"] is False
+    assert set(result.detail["broker_repairs"].values()) == {0}
+    assert result.recovery_s is not None and result.recovery_s < 20
 
 
 @pytest.mark.redis

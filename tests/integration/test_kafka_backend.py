@@ -399,3 +399,30 @@ def test_a_handler_slower_than_max_poll_interval_makes_the_worker_leave_the_grou
 async def _started_times(run_dir: Path, booking_id: str, times: int) -> bool:
     frame = load_run(run_dir)
     return bool(((frame["event"] == "started") & (frame["booking_id"] == booking_id)).sum() >= times)
+
+
+@pytest.mark.timeout(60)
+def test_renewing_the_group_keeps_its_offsets_and_is_counted_as_a_repair(lab_config: Config, tmp_path: Path) -> None:
+    names = lab_config.names
+
+    async def scenario() -> None:
+        async with KafkaBackend(lab_config, WorkerSettings(workflow="noop")) as backend:
+            await backend.produce(bookings(12))
+            async with consuming(backend, tmp_path):
+                await wait_for(lambda: _completed_is(backend, 12), what="12 completed bookings")
+            await wait_for(lambda: _backlog_is(backend, 0), what="the offsets committed")
+            assert set((await backend.broker_repairs()).values()) == {0}
+            await backend.renew_group()
+            assert (await backend.broker_repairs())["departed-leader"] == 1
+            assert (await backend.queue_depths())["backlog"] == 0  # the group stands where it stood
+        async with KafkaBackend(lab_config, WorkerSettings(options={"broker_repairs": "off"})) as off:
+            await off.renew_group()  # switched off: does nothing, counts nothing
+            assert (await off.broker_repairs())["departed-leader"] == 1
+
+    asyncio.run(scenario())
+    probe = Consumer({"bootstrap.servers": lab_config.kafka_bootstrap, "group.id": names.kafka_group})
+    try:
+        committed = probe.committed([TopicPartition(names.topic, p) for p in range(PARTITIONS)], timeout=5)
+    finally:
+        probe.close()
+    assert sum(tp.offset for tp in committed if tp.offset > 0) == 12
