@@ -79,7 +79,8 @@ def run_nbval(notebook: Path, folder: Path) -> tuple[subprocess.CompletedProcess
     token = uuid.uuid4().hex
     marker = f"{MARKER}={token}"
     env = {**os.environ, MARKER: token}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    # This checkout's labkit, whatever is installed (a second clone, a worktree), and the plugin next to the tests.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS.parent), str(TESTS), env.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "pytest", str(notebook),
         "--nbval-lax", "--nbval-current-env", f"--nbval-cell-timeout={CELL_TIMEOUT_S}",
