@@ -1,4 +1,4 @@
-"""The drills' private stack: which servers it manages and what it refuses (no server is started here)."""
+"""The private stack (drills, the fidelity matrix): which servers it manages and what it refuses (none started)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 
 from labkit.config import Config
-from labkit.drills import _PrivateStack
 from labkit.errors import StackError
-from labkit.stack import SERVICES, Stack
+from labkit.stack import SERVICES, PrivateStack, Stack
 
 
 def test_a_redis_drill_stack_manages_redis_only_and_removes_its_folder() -> None:
-    stack = _PrivateStack(with_kafka=False, namespace="drill-")
-    both = _PrivateStack(with_kafka=True, namespace="drill-")
+    stack = PrivateStack(with_kafka=False, namespace="drill-")
+    both = PrivateStack(with_kafka=True, namespace="drill-")
     assert stack.services == ("redis",)
     assert both.services == SERVICES
     assert stack.home.is_dir()
