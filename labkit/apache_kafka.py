@@ -177,6 +177,20 @@ def resolve(config: Config, progress: Callable[[str], None] | None = None) -> Di
     return locate(config) or fetch(config, progress)
 
 
+def share_jars(source: Config, target: Config) -> None:
+    """Let ``target``'s state folder run the jars ``source`` would run (a link to them), so nothing is fetched.
+
+    For throwaway stacks (drills, tests, benchmarks) beside a lab whose jars are already there; does nothing
+    when ``source`` has none yet or ``target`` already has a cache.
+    """
+    jars = locate(source)
+    cache = cache_dir(target)
+    if jars is None or cache.exists() or cache.is_symlink():
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.symlink_to(jars.libs.resolve(), target_is_directory=True)
+
+
 def find_maven() -> str:
     """The ``mvn`` executable.
 

@@ -521,6 +521,10 @@ class _Tansu(_KafkaBroker):
         return re.compile(rf"^(?P<binary>.*?tansu[^/ ]*) broker .*--listener-url tcp://\S+:{self.port}\b")
 
 
+#: A line of a Java stack trace below the exception's own line ("\tat ...", "\t... 6 more").
+_JAVA_FRAME = re.compile(r"^\s+(at |\.\.\. \d+ more)")
+
+
 class _ApacheKafka(_KafkaBroker):
     """Apache Kafka: one KRaft node (broker and controller) on the machine's Java, its log in the state folder.
 
@@ -564,6 +568,17 @@ class _ApacheKafka(_KafkaBroker):
         if version is None:
             raise _NotReady("Apache Kafka is starting (it has not logged its version yet)")
         return f"Apache Kafka {version} (KRaft, durable)"
+
+    def log_tail(self, offset: int = 0, lines: int = 3) -> str:
+        """The broker's last few log lines since ``offset``, without the Java stack frames under an exception."""
+        try:
+            with self.log_file.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return f"no log at {self.log_file}"
+        kept = [line.strip() for line in text.splitlines() if line.strip() and not _JAVA_FRAME.match(line)]
+        return f"last lines of {self.log_file}: {' | '.join(kept[-lines:]) if kept else '(empty)'}"
 
     def _logged_version(self) -> str | None:
         try:
@@ -808,11 +823,7 @@ class PrivateStack(Stack):
             services=SERVICES if with_kafka else ("redis",),
         )
         if with_kafka and lab_config.kafka == "apache":
-            jars = apache_kafka.locate(lab_config)
-            if jars is not None:
-                cache = apache_kafka.cache_dir(self.config)
-                cache.parent.mkdir(parents=True)
-                cache.symlink_to(jars.libs, target_is_directory=True)
+            apache_kafka.share_jars(lab_config, self.config)
 
     def close(self) -> None:
         self.down()

@@ -44,8 +44,7 @@ def _free_port_pair() -> int:
 @pytest.fixture
 def private(lab_stack: Stack, tmp_path: Path) -> Iterator[Stack]:
     """A Kafka-only Apache stack of the test's own (free ports, own home), running from the session's jars."""
-    jars = apache_kafka.locate(lab_stack.config)
-    assert jars is not None, "the session's Apache Kafka runs from jars labkit can find"
+    assert apache_kafka.locate(lab_stack.config) is not None, "the session's Apache Kafka runs from jars labkit finds"
     config = Config(
         redis_url=lab_stack.config.redis_url,
         kafka_bootstrap=f"127.0.0.1:{_free_port_pair()}",
@@ -53,9 +52,7 @@ def private(lab_stack: Stack, tmp_path: Path) -> Iterator[Stack]:
         kafka="apache",
         namespace="private-",
     )
-    cache = apache_kafka.cache_dir(config)
-    cache.parent.mkdir(parents=True)
-    cache.symlink_to(jars.libs, target_is_directory=True)
+    apache_kafka.share_jars(lab_stack.config, config)
     stack = Stack(config, services=["kafka"])
     try:
         yield stack
@@ -98,7 +95,7 @@ def test_the_log_survives_down_and_up_and_the_group_keeps_its_offsets(private: S
     with pytest.raises(ProcessLookupError):
         os.kill(started.pid, 0)
     log = (config.home / "logs" / "kafka.log").read_text()
-    assert "shut down completed" in log, "SIGTERM ran Kafka's controlled shutdown"
+    assert "[BrokerServer id=1] shut down completed" in log, "SIGTERM ran Kafka's controlled shutdown"
 
     [again] = private.up(timeout=120)
     assert again.pid != started.pid and again.healthy

@@ -126,13 +126,15 @@ def old_redis() -> Iterator[int]:
 
 
 def _extra_config(lab_stack: Stack, home: Path) -> Config:
-    """Ports next to the session stack's, for tests that start servers of their own."""
-    return Config(
+    """Ports next to the session stack's, for tests that start servers of their own (Apache Kafka: from its jars)."""
+    config = Config(
         redis_url=f"redis://127.0.0.1:{lab_stack.config.redis_address[1] + 10}/0",
         kafka_bootstrap=f"127.0.0.1:{lab_stack.config.kafka_address[1] + 10}",
         home=home,
         kafka=lab_stack.config.kafka,
     )
+    apache_kafka.share_jars(lab_stack.config, config)
+    return config
 
 
 def test_up_started_both_servers_and_they_are_healthy(lab_stack: Stack) -> None:
