@@ -2,8 +2,7 @@
 
 Runs on its own ports and a throw-away state folder, so a running lab is not touched. Apache Kafka starts from
 jars already cached (the lab's, or fetched once before the clock starts): its first start in a new state folder
-also formats the log, every later one opens the log it left and maps the class-data-sharing archive that the
-first clean shutdown wrote; a start without that archive shows what the archive saves.
+also formats the log, every later one opens the log it left.
 
     python benchmarks/stack_startup.py --repeat 5                 # embedded broker, then Apache Kafka
     python benchmarks/stack_startup.py --repeat 5 --kafka apache
@@ -62,20 +61,17 @@ def measure_cli(repeat: int, redis_port: int, kafka_port: int) -> list[float]:
 
 
 def measure_apache(repeat: int, kafka_port: int) -> dict[str, list[float]]:
-    """Apache Kafka alone: the first start (formats the log), warm starts, and starts without the CDS archive."""
-    found: dict[str, list[float]] = {"first": [], "warm": [], "no_archive": []}
-    lab = Config.from_env()
+    """Apache Kafka alone: the first start in a new state folder (it formats the log), then ``repeat`` starts."""
+    found: dict[str, list[float]] = {"first": [], "warm": []}
     with tempfile.TemporaryDirectory(prefix="labkit-bench-") as home:
         config = Config(kafka_bootstrap=f"127.0.0.1:{kafka_port}", home=Path(home), kafka="apache")
-        jars = apache_kafka.locate(lab) or apache_kafka.fetch(lab)  # fetched before the clock starts
-        apache_kafka.cache_dir(config).parent.mkdir(parents=True)
-        apache_kafka.cache_dir(config).symlink_to(jars.libs, target_is_directory=True)
+        lab = Config.from_env()
+        if apache_kafka.locate(lab) is None:
+            apache_kafka.fetch(lab)  # before the clock starts
+        apache_kafka.share_jars(lab, config)
         stack = Stack(config, services=["kafka"])
-        java = apache_kafka.find_java()
-        for kind, runs in (("first", 1), ("warm", repeat), ("no_archive", repeat)):
+        for kind, runs in (("first", 1), ("warm", repeat)):
             for _ in range(runs):
-                if kind == "no_archive":
-                    apache_kafka.cds_archive(config, java, jars).unlink(missing_ok=True)
                 started = time.perf_counter()
                 stack.up(timeout=180)
                 found[kind].append(time.perf_counter() - started)
@@ -105,8 +101,7 @@ def main() -> None:
     if args.kafka in ("apache", "both"):
         apache = measure_apache(args.repeat, args.kafka_port)
         _report("Apache Kafka, first start in a new state folder (formats the log)", apache["first"])
-        _report("Apache Kafka, cold to healthy (log and CDS archive in place)", apache["warm"])
-        _report("Apache Kafka, cold to healthy without the CDS archive", apache["no_archive"])
+        _report("Apache Kafka, cold to healthy (jars cached, log in place)", apache["warm"])
 
 
 if __name__ == "__main__":

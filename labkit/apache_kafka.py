@@ -11,9 +11,9 @@ place in the stack (``labkit.stack``); this module knows where its pieces come f
 - **The log** (the broker's data): ``$LABKIT_HOME/apache-kafka/data-<port>``, formatted once by Kafka's
   ``StorageTool`` and kept across ``down``/``up`` and restarts, so the broker is durable. It is keyed by port
   because formatting records the controller's address, which must not change afterwards.
-- **Start-up on 2 cores**: a small heap, internal topics of one partition, no initial rebalance delay, and a
-  class-data-sharing archive that the first clean shutdown writes and every later start maps (about a second
-  less of class loading).
+- **Start-up on 2 cores**: a small heap, internal topics of one partition, no initial rebalance delay; the
+  JDK's own class-data-sharing archive is mapped as always (what more the JVM offered was measured, see
+  docs/benchmarks.md).
 
 Every way this can fail is a :class:`~labkit.errors.StackError` of one line that says what is missing and how
 to get it, so ``labkit up`` can print it and exit non-zero.
@@ -22,7 +22,6 @@ to get it, so ``labkit up`` can print it and exit non-zero.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import re
 import shutil
@@ -393,25 +392,13 @@ def format_storage(config: Config, java: str, dist: Distribution, log_file: Path
         )
 
 
-def cds_archive(config: Config, java: str, dist: Distribution) -> Path:
-    """The class-data-sharing archive for this Java and these jars (a new one if either changes)."""
-    key = hashlib.sha256(f"{os.path.realpath(java)}\0{dist.libs.resolve()}\0{dist.version}".encode()).hexdigest()
-    return config.home / "apache-kafka" / f"broker-{key[:12]}.jsa"
-
-
 def broker_command(config: Config, java: str, dist: Distribution) -> list[str]:
-    """The broker's command line; also writes its ``server.properties``.
-
-    The first start writes the class-data-sharing archive when it shuts down cleanly (``ArchiveClassesAtExit``);
-    later starts map it (``SharedArchiveFile``). A stale or broken archive is ignored by the JVM, not fatal.
-    """
+    """The broker's command line; also writes its ``server.properties``."""
     target = properties_file(config)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(server_properties(config))
-    archive = cds_archive(config, java, dist)
-    sharing = f"-XX:SharedArchiveFile={archive}" if archive.is_file() else f"-XX:ArchiveClassesAtExit={archive}"
     return [
-        java, *JVM_OPTIONS, sharing, "-Xlog:cds=off", "-Xlog:cds+dynamic=off",
+        java, *JVM_OPTIONS,
         f"-Dkafka.logs.dir={config.home / 'logs'}", f"-Dlog4j2.configurationFile={LOG_CONFIG}",
         "-cp", dist.classpath, BROKER_MAIN, str(target),
     ]  # fmt: skip
