@@ -495,16 +495,29 @@ class GroupMember:
     # -- stopping -----------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
-        """Finish running records, commit their offsets, then leave the group."""
+        """Finish running records, commit their offsets, then leave the group.
+
+        Each phase is timed in the ``leaving`` event, since a warm stop that takes long is worth
+        seeing: a handler still running, a commit or a LeaveGroup the broker is slow to answer.
+        """
         try:
+            started = time.monotonic()
             for part in self.parts.values():
                 part.pending.clear()  # not started: the next owner gets them
             # A failed task already set self.failure; run() raises it once the consumer is closed.
             await asyncio.gather(*(p.idle.wait() for p in self.parts.values()), *self.orphans, return_exceptions=True)
+            finished = time.monotonic()
             self._apply_ops()
             await self._in_thread(self._commit)
+            committed = time.monotonic()
             # close() revokes the partitions (callbacks run), commits and sends LeaveGroup.
             await self._in_thread(self.consumer.close)
+            self.events.emit(
+                "leaving",
+                finish_s=round(finished - started, 3),
+                commit_s=round(committed - finished, 3),
+                close_s=round(time.monotonic() - committed, 3),
+            )
         finally:
             for part in self.parts.values():
                 if part.task is not None:
