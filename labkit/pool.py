@@ -513,6 +513,8 @@ def _settings_argv(settings: WorkerSettings) -> list[str]:
     ]  # fmt: skip
     for key, value in settings.options.items():
         argv += ["-o", f"{key}={value}"]
+    if settings.track_status:
+        argv.append("--track-status")
     return argv
 
 
