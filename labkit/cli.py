@@ -6,6 +6,7 @@ Every failure is one line on stderr and a non-zero exit code, never a traceback:
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -24,6 +25,9 @@ from labkit.stack import ServiceStatus, Stack
 from labkit.worker import worker_command
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+#: Commands that live in a layer above the engine, loaded by name only when asked for (click's lazy
+#: subcommands): the engine never imports them, so `labkit worker` does not load FastAPI.
+LAZY_COMMANDS = {"serve": "labkit.service.serve:serve_command"}
 
 
 class _LabkitGroup(click.Group):
@@ -32,6 +36,16 @@ class _LabkitGroup(click.Group):
     A :class:`LabkitError` (broker down, bad setting) becomes ``Error: <line>``; a bad argument
     becomes ``Error: <what was wrong> (see labkit <command> --help)`` instead of click's usage block.
     """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            module, _, attribute = LAZY_COMMANDS[cmd_name].partition(":")
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
