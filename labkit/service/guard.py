@@ -7,7 +7,8 @@ the body has been read and parsed whole. For a request with a body (POST, PUT, P
   other web page can post ``text/plain`` or ``application/x-www-form-urlencoded`` across sites without
   asking, but never ``application/json``;
 - a body over the limit (by ``Content-Length``, or counted while it arrives) → 413, without reading more;
-- JSON nested deeper than ``labkit.booking.MAX_NESTING`` → 422, before Python's parser could recurse on it.
+- a body that is not UTF-8, or JSON nested deeper than ``labkit.booking.MAX_NESTING`` → 422, before
+  Python's parser could fail on it (FastAPI would answer 400 or recurse).
 
 The body, once read, is handed to the app unchanged.
 """
@@ -34,6 +35,11 @@ async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+async def _unparsable(send: Send, reason: str) -> None:
+    """A 422 shaped like the app's own (labkit.service.app): the body as a whole is at fault."""
+    await _answer(send, 422, {"error": reason, "detail": [{"loc": ["body"], "msg": reason, "type": "json_invalid"}]})
 
 
 def content_type_problem(header: str | None) -> str | None:
@@ -91,9 +97,13 @@ class BodyGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if nesting_depth(body.decode("utf-8", "replace")) > MAX_NESTING:
-            error = {"loc": ["body"], "msg": f"JSON nests deeper than {MAX_NESTING} levels", "type": "json_invalid"}
-            await _answer(send, 422, {"error": error["msg"], "detail": [error]})
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            await _unparsable(send, f"the body is not valid UTF-8 (byte {e.start})")
+            return
+        if nesting_depth(text) > MAX_NESTING:
+            await _unparsable(send, f"JSON nests deeper than {MAX_NESTING} levels")
             return
         delivered = False
 

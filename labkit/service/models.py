@@ -40,6 +40,7 @@ CAMEL_NAMES = {
     "createdAt": "created_at",
 }
 _ISO_DATE = r"^\d{4}-\d{2}-\d{2}$"
+_DATE: dict[str, Any] = {"format": "date"}
 
 Id64 = Annotated[StrictStr, Field(min_length=1, max_length=64)]
 
@@ -79,9 +80,14 @@ class BookingRequest(BaseModel):
     )
     user_id: Id64 = Field(validation_alias=_alias("user_id"))
     hotel_id: Id64 = Field(validation_alias=_alias("hotel_id"))
-    check_in: StrictStr = Field(validation_alias=_alias("check_in"), pattern=_ISO_DATE, description="YYYY-MM-DD")
+    check_in: StrictStr = Field(
+        validation_alias=_alias("check_in"), pattern=_ISO_DATE, description="YYYY-MM-DD", json_schema_extra=_DATE
+    )
     check_out: StrictStr = Field(
-        validation_alias=_alias("check_out"), pattern=_ISO_DATE, description="YYYY-MM-DD, later than check_in"
+        validation_alias=_alias("check_out"),
+        pattern=_ISO_DATE,
+        description="YYYY-MM-DD, later than check_in",
+        json_schema_extra=_DATE,
     )
     guests: StrictInt | None = Field(None, ge=1, le=10, description="required unless the body is camelCase")
     amount_cents: StrictInt | None = Field(
@@ -258,7 +264,9 @@ class ReplayRequest(BaseModel):
     """``POST /api/dead-letters/replay``: which backend, and which of its dead letters (all when absent)."""
 
     backend: BackendName
-    booking_ids: list[Annotated[StrictStr, Field(max_length=64)]] | None = Field(None, max_length=10_000)
+    booking_ids: list[Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] | None = Field(
+        None, max_length=500, description="at most 500 per request"
+    )
 
 
 class Skipped(BaseModel):
