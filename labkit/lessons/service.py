@@ -351,3 +351,96 @@ def schedule_chart(delays: pd.DataFrame, ax: Axes | None = None) -> Axes:
     ax.set_title("delayed bookings: never before their time")
     ax.legend()
     return ax
+
+
+# -- the lesson's experiments ---------------------------------------------------------------------
+
+
+def all_settled(status: dict[str, Any]) -> bool:
+    """True once the booking is completed or dead-lettered on every backend that took it."""
+    return all(s["state"] in SETTLED for s in status.values())
+
+
+def sample_booking(n: int, prefix: str = "lesson") -> dict[str, Any]:
+    """A valid booking message (snake_case) with a fresh id; ``n`` varies the hotel and the stay."""
+    import uuid
+
+    day = 1 + n % 27
+    return {"booking_id": f"{prefix}-{n}-{uuid.uuid4().hex[:6]}", "user_id": f"user-{n:04d}",
+            "hotel_id": f"hotel-{n % 20:03d}", "check_in": f"2027-03-{day:02d}", "check_out": f"2027-03-{day + 1:02d}",
+            "guests": 2, "amount_cents": 12_000}  # fmt: skip
+
+
+def sightings(samples: pd.DataFrame) -> pd.DataFrame:
+    """When each backend was first seen in each state and step, from :meth:`BookingService.watch`'s answers."""
+    first = samples.drop_duplicates(["backend", "state", "step"])
+    return first.pivot_table(index=["state", "step"], columns="backend", values="t", aggfunc="min", dropna=False,
+                             sort=False).dropna(how="all")  # fmt: skip
+
+
+def kill_running(service: BookingService, booking_id: str, timeout: float = 30.0) -> pd.DataFrame:
+    """SIGKILL, on each backend, the worker running ``booking_id``, as soon as the status shows it active.
+
+    Returns:
+        ``backend, worker, pid, step, progress, killed_at`` (Unix time), one row per backend.
+    """
+    import pandas as pd
+
+    pids = service.worker_pids()
+    killed: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(killed) < len(BACKENDS):
+        for backend, s in service.status(booking_id).items():
+            if backend not in killed and s["state"] == "active" and s["worker"] in pids:
+                os.kill(pids[s["worker"]], signal.SIGKILL)
+                killed[backend] = {"worker": s["worker"], "pid": pids[s["worker"]], "step": s["step"],
+                                   "progress": s["progress"], "killed_at": time.time()}  # fmt: skip
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{booking_id} was not seen active on {sorted(set(BACKENDS) - set(killed))}")
+        time.sleep(0.02)
+    frame = pd.DataFrame.from_dict(killed, orient="index")
+    frame.index.name = "backend"
+    return frame
+
+
+def redelivery_table(status: dict[str, Any], killed: pd.DataFrame) -> pd.DataFrame:
+    """After :func:`kill_running`: who finished the booking, and how long it waited for a new owner.
+
+    ``handed_over_s`` is the time from the kill to the first step of the next run, on another worker.
+    """
+    import pandas as pd
+
+    rows = {}
+    for backend, row in killed.iterrows():
+        history = status[str(backend)]["history"]
+        later = [h for h in history if h["at"] > row["killed_at"] and h["state"] == "active"]
+        rows[backend] = {"killed": row["worker"], "at step": row["step"], "state": status[str(backend)]["state"],
+                         "finished by": status[str(backend)]["worker"], "attempts": status[str(backend)]["attempts"],
+                         "handed_over_s": round(later[0]["at"] - row["killed_at"], 2) if later else None}  # fmt: skip
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "backend"
+    return frame
+
+
+def dead_letters_frame(service: BookingService, booking_id: str | None = None) -> pd.DataFrame:
+    """``GET /api/dead-letters`` as a table (one booking's, when ``booking_id`` is given)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(service.get("/api/dead-letters"), columns=["backend", "booking_id", "reason", "attempts",
+                                                                    "source"])  # fmt: skip
+    return frame if booking_id is None else frame[frame["booking_id"] == booking_id].reset_index(drop=True)
+
+
+def reconcile(final: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Posted = completed + dead-lettered, per backend, from each booking's own status; ``lost`` must be 0."""
+    import pandas as pd
+
+    rows = {}
+    for backend in BACKENDS:
+        states = [status[backend]["state"] for status in final.values() if backend in status]
+        rows[backend] = {"posted": len(final), "completed": states.count("completed"),
+                         "dead_lettered": states.count("dead_lettered"),
+                         "lost": len(final) - states.count("completed") - states.count("dead_lettered")}  # fmt: skip
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "backend"
+    return frame
