@@ -223,8 +223,6 @@ class BookingService:
     ) -> pd.DataFrame:
         """Ask for one booking's status every ``every`` seconds until ``until(status)``; one row per answer
         and backend: ``t`` (seconds since the first), ``backend``, ``state``, ``step``, ``progress``, ``worker``."""
-        import pandas as pd
-
         rows: list[dict[str, Any]] = []
         start = time.monotonic()
         while True:
@@ -233,8 +231,11 @@ class BookingService:
             keys = ("state", "step", "progress", "attempts", "worker")
             rows += [{"t": round(t, 3), "backend": name, **{k: s.get(k) for k in keys}} for name, s in status.items()]
             if until(status) or t > timeout:
-                return pd.DataFrame(rows)
+                break
             time.sleep(every)
+        import pandas as pd  # only now: a first import takes half a second, longer than a booking
+
+        return pd.DataFrame(rows)
 
     def worker_pids(self) -> dict[str, int]:
         """Each of the service's workers and its pid, from the "ready" events in its run folder."""
