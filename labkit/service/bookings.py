@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import Annotated, Any
@@ -11,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 
 from labkit.booking import encode, parse_booking
-from labkit.errors import BadMessage, LabkitError
+from labkit.errors import BadMessage
 from labkit.service.links import Links, Outgoing
 from labkit.service.models import AcceptedAnswer, BookingRequest, ErrorAnswer, StatusAnswer
 
@@ -60,17 +59,7 @@ async def post_booking(booking: BookingRequest, backends: LinksDep) -> Any:
     accepted_at = time.time()
     due_at = accepted_at + booking.delay_ms / 1000 if booking.delay_ms else None
     outgoing = Outgoing(message, booking.delay_ms, accepted_at, due_at)
-    targets = booking.targets()
-    results = await asyncio.gather(*(backends[name].publish(outgoing) for name in targets), return_exceptions=True)
-    accepted: dict[str, str] = {}
-    failed: dict[str, str] = {}
-    for name, result in zip(targets, results, strict=True):
-        if isinstance(result, LabkitError):
-            failed[name] = str(result)
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            accepted[name] = result
+    accepted, failed = await backends.publish(outgoing, booking.targets())
     if not accepted:
         error = next(iter(failed.values())) if len(failed) == 1 else f"no backend took booking {booking_id}"
         return JSONResponse({"error": error, "failed": failed}, status_code=503)

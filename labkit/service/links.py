@@ -201,6 +201,21 @@ def _accepted(item: Outgoing, where: str) -> Accepted:
     return Accepted(booking_id, where, item.accepted_at, item.due_at, item.replayed_from)
 
 
+async def gather_per_backend(calls: dict[str, Awaitable[T]]) -> tuple[dict[str, T], dict[str, str]]:
+    """Await one call per backend at once: the answers, and the one-line reason of each that failed."""
+    results = await asyncio.gather(*calls.values(), return_exceptions=True)
+    answers: dict[str, T] = {}
+    failed: dict[str, str] = {}
+    for name, result in zip(calls, results, strict=True):
+        if isinstance(result, LabkitError):
+            failed[name] = str(result)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            answers[name] = result
+    return answers, failed
+
+
 class Links:
     """The service's link to each of the three backends."""
 
@@ -215,17 +230,11 @@ class Links:
         self, action: Callable[[Backend], Awaitable[T]], names: Sequence[str] = BACKENDS
     ) -> tuple[dict[str, T], dict[str, str]]:
         """Run ``action`` on several backends at once: the answers, and the reason for each that failed."""
-        results = await asyncio.gather(*(self[name].call(action) for name in names), return_exceptions=True)
-        answers: dict[str, T] = {}
-        failed: dict[str, str] = {}
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, LabkitError):
-                failed[name] = str(result)
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                answers[name] = result
-        return answers, failed
+        return await gather_per_backend({name: self[name].call(action) for name in names})
+
+    async def publish(self, outgoing: Outgoing, names: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """Send one booking to several backends at once: where it landed on each, and why it did not elsewhere."""
+        return await gather_per_backend({name: self[name].publish(outgoing) for name in names})
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.by_name.values()))
