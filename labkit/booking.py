@@ -62,7 +62,7 @@ class Booking:
         return (self.check_out - self.check_in).days
 
 
-def _nesting_depth(text: str) -> int:
+def nesting_depth(text: str) -> int:
     """Deepest bracket nesting outside strings, measured before ``json.loads`` sees the text."""
     if text.count("{") + text.count("[") <= MAX_NESTING:
         return 0  # too few brackets to nest too deep: skip the character walk (the common case)
@@ -169,7 +169,7 @@ def parse_booking(payload: bytes | str) -> Booking:
         text = payload
         if len(text) > MAX_MESSAGE_BYTES:
             raise BadMessage(f"message is {len(text)} characters; the limit is {MAX_MESSAGE_BYTES} bytes")
-    if _nesting_depth(text) > MAX_NESTING:
+    if nesting_depth(text) > MAX_NESTING:
         raise BadMessage(f"message nests deeper than {MAX_NESTING} levels")
     try:
         obj = json.loads(text, parse_constant=_not_json)
@@ -216,7 +216,7 @@ def booking_id_of(payload: bytes | str) -> str | None:
     if len(payload) > MAX_MESSAGE_BYTES:
         return None
     try:
-        if _nesting_depth(payload if isinstance(payload, str) else payload.decode("utf-8")) > MAX_NESTING:
+        if nesting_depth(payload if isinstance(payload, str) else payload.decode("utf-8")) > MAX_NESTING:
             return None
         obj = json.loads(payload)
     except (ValueError, RecursionError, UnicodeDecodeError):

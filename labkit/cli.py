@@ -6,6 +6,7 @@ Every failure is one line on stderr and a non-zero exit code, never a traceback:
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -24,6 +25,9 @@ from labkit.stack import ServiceStatus, Stack
 from labkit.worker import worker_command
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+#: Commands that live in a layer above the engine, loaded by name only when asked for (click's lazy
+#: subcommands): the engine never imports them, so `labkit worker` does not load FastAPI.
+LAZY_COMMANDS = {"serve": "labkit.service.serve:serve_command"}
 
 
 class _LabkitGroup(click.Group):
@@ -32,6 +36,16 @@ class _LabkitGroup(click.Group):
     A :class:`LabkitError` (broker down, bad setting) becomes ``Error: <line>``; a bad argument
     becomes ``Error: <what was wrong> (see labkit <command> --help)`` instead of click's usage block.
     """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            module, _, attribute = LAZY_COMMANDS[cmd_name].partition(":")
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -223,24 +237,35 @@ def reset(backend: str) -> None:
     help="Poison bookings to send as well: they fail every attempt and end in the dead-letter queue.",
 )
 @click.option("--seed", type=int, default=None, help="Random seed, to send the same bookings again [default: time].")
-def produce(backend: str, count: int, rate: float | None, fault_rate: float, poison: int, seed: int | None) -> None:
+@click.option(
+    "--delay-ms",
+    type=click.IntRange(0, 7 * 24 * 3600 * 1000),
+    default=0,
+    show_default=True,
+    help="No worker starts a booking before this long after it was sent (BullMQ: delayed jobs; Streams and "
+    "Kafka: the lab's delayed set and delay topic).",
+)
+def produce(
+    backend: str, count: int, rate: float | None, fault_rate: float, poison: int, seed: int | None, delay_ms: int
+) -> None:
     """Send COUNT valid bookings (plus --poison ones) to a backend, and say when the broker acknowledged them."""
     generator = BookingGenerator(seed=seed if seed is not None else int(time.time()), fault_rate=fault_rate)
     bookings = generator.bookings(count, poison)
     started = time.monotonic()
-    lab.with_backend(backend, lambda b: _send_paced(b, bookings, rate))
+    lab.with_backend(backend, lambda b: _send_paced(b, bookings, rate, delay_ms))
     elapsed = time.monotonic() - started
-    click.echo(f"{backend}: sent {len(bookings)} bookings ({count} valid, {poison} poison) in {elapsed:.2f} s")
+    delayed = f", each due {delay_ms} ms after it was sent" if delay_ms else ""
+    click.echo(f"{backend}: sent {len(bookings)} bookings ({count} valid, {poison} poison) in {elapsed:.2f} s{delayed}")
 
 
-async def _send_paced(backend: Backend, bookings: list[dict[str, Any]], rate: float | None) -> None:
+async def _send_paced(backend: Backend, bookings: list[dict[str, Any]], rate: float | None, delay_ms: int) -> None:
     """Send in batches; with a rate, each batch leaves on its schedule (a slow send does not lower the rate)."""
     batch = max(1, min(1000, int(rate / 20))) if rate else 1000  # with a rate: 20 batches a second
     started = time.monotonic()
     for sent in range(0, len(bookings), batch):
         if rate:
             await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
-        await backend.produce(bookings[sent : sent + batch])
+        await backend.produce(bookings[sent : sent + batch], delay_ms=delay_ms)
 
 
 cli.add_command(worker_command)

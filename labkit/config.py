@@ -56,6 +56,11 @@ class Names:
         return self._n("bookings:dlq")
 
     @property
+    def stream_delayed(self) -> str:
+        """Sorted set of delayed bookings (score: due time in ms), moved into the stream when due: the lab's pattern."""
+        return self._n("bookings:delayed")
+
+    @property
     def stream_group(self) -> str:
         return self._n("booking-workers")
 
@@ -67,6 +72,11 @@ class Names:
     def topic_retry(self) -> str:
         """Delayed-retry topic: failed bookings wait here so the main partition keeps moving."""
         return self._n("bookings.retry")
+
+    @property
+    def topic_delay(self) -> str:
+        """Delayed-booking topic: records wait here for their ``not_before`` time, as retries do: the lab's pattern."""
+        return self._n("bookings.delay")
 
     @property
     def topic_dlq(self) -> str:

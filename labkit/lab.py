@@ -120,10 +120,12 @@ def setup(start_stack: bool = True, namespace: str | None = None) -> Config:
     return config
 
 
-def produce(backend: str, messages: Iterable[Message], config: Config | None = None, **settings: Any) -> list[str]:
-    """Send messages to ``backend``; returns where each landed."""
+def produce(
+    backend: str, messages: Iterable[Message], config: Config | None = None, delay_ms: int = 0, **settings: Any
+) -> list[str]:
+    """Send messages to ``backend``; returns where each landed. With ``delay_ms``, none starts before then."""
     batch = list(messages)
-    return with_backend(backend, lambda b: b.produce(batch), config, WorkerSettings(**settings))
+    return with_backend(backend, lambda b: b.produce(batch, delay_ms=delay_ms), config, WorkerSettings(**settings))
 
 
 def stats(backend: str, config: Config | None = None) -> dict[str, Any]:

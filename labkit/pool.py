@@ -379,18 +379,7 @@ class WorkerPool:
             "--worker-id",
             worker_id,
         ]
-        with open(log_path, "ab") as log_file:
-            # Forked from the helper thread: PR_SET_PDEATHSIG follows the forking thread.
-            proc = loop_thread().call(
-                subprocess.Popen,
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=self._child_env(),
-                start_new_session=True,
-                preexec_fn=_die_with_parent_hook(),
-            )
+        proc = spawn_owned(argv, log_path, self._child_env())
         worker = _Worker(worker_id, proc, log_path, self.run_dir / "events" / f"{worker_id}.jsonl")
         self._workers.append(worker)
         log.info("started %s (pid %d)", worker_id, proc.pid)
@@ -500,6 +489,24 @@ class WorkerPool:
         return load_run(self.run_dir)
 
 
+def spawn_owned(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[Any]:
+    """Start ``argv`` as a process this interpreter owns: its own session, output appended to ``log_path``,
+    and SIGKILLed by the kernel when this interpreter dies (forked from the helper thread, which lives as
+    long as the interpreter: PR_SET_PDEATHSIG follows the forking thread)."""
+    with open(log_path, "ab") as log_file:
+        proc: subprocess.Popen[Any] = loop_thread().call(
+            subprocess.Popen,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent_hook(),
+        )
+    return proc
+
+
 def _settings_argv(settings: WorkerSettings) -> list[str]:
     """The ``labkit worker`` flags that reproduce ``settings`` in the child process."""
     argv = [
@@ -513,6 +520,8 @@ def _settings_argv(settings: WorkerSettings) -> list[str]:
     ]  # fmt: skip
     for key, value in settings.options.items():
         argv += ["-o", f"{key}={value}"]
+    if settings.track_status:
+        argv.append("--track-status")
     return argv
 
 

@@ -73,6 +73,8 @@ async def run_worker(
                     await backend.consume_batches(recorder, stop, worker_id)
             else:
                 handler = BookingHandler(backend.ledger, events, settings, run_dir)
+                if settings.track_status:
+                    handler.status = backend.status_recorder(worker_id)
                 events.emit("ready", concurrency=settings.concurrency, settings=settings.__dict__)
                 await backend.consume(handler, stop)
             events.emit("stopped", cold=False)
@@ -150,6 +152,12 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
     help="Backend tuning, e.g. -o lock_duration_ms=5000 (BullMQ), -o max_poll_interval_ms=10000 (Kafka).",
 )
 @click.option(
+    "--track-status/--no-track-status",
+    default=False,
+    show_default=True,
+    help="Record each booking's state, step and progress for the booking service (labkit serve does).",
+)
+@click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -166,6 +174,7 @@ def worker_command(
     step_ms: float,
     cpu_ms: float,
     options: tuple[str, ...],
+    track_status: bool,
     run_dir: Path | None,
     worker_id: str | None,
 ) -> None:
@@ -184,6 +193,7 @@ def worker_command(
         step_ms=step_ms,
         cpu_ms=cpu_ms,
         options=_parse_options(options),
+        track_status=track_status,
     )
     try:
         code = asyncio.run(

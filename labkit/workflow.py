@@ -35,6 +35,8 @@ from labkit.events import EventLog
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from labkit.status import BookingRun, StatusRecorder
+
 
 class Outcome(StrEnum):
     """What the backend must do with a message after one workflow run."""
@@ -87,6 +89,8 @@ class WorkerSettings:
         cpu_ms: CPU-bound work per booking (a busy loop that holds the GIL).
         options: backend-specific tuning in the backend's own words, e.g.
             ``{"lock_duration_ms": "5000"}`` for BullMQ; each backend documents its keys.
+        track_status: keep per-booking status for the booking service (``labkit.status``): workers
+            record every transition and step, producers keep what the status API reads. Off, it costs nothing.
     """
 
     concurrency: int = 1
@@ -97,6 +101,7 @@ class WorkerSettings:
     step_ms: float = 0.0
     cpu_ms: float = 0.0
     options: dict[str, str] = field(default_factory=dict)
+    track_status: bool = False
 
     def option(self, key: str, default: float) -> float:
         """A numeric backend option, or ``default`` when not given."""
@@ -259,12 +264,14 @@ class BookingHandler:
         events: this worker's event log.
         settings: the worker settings.
         run_dir: the run folder, for confirmation files and the outbox.
+        status: records each booking's transitions for the booking service; None (the default) records nothing.
     """
 
     ledger: Ledger
     events: EventLog
     settings: WorkerSettings
     run_dir: Path
+    status: StatusRecorder | None = None
     in_flight: int = 0
     _dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -294,22 +301,27 @@ class BookingHandler:
         booking_id = booking.booking_id
         latency = {"created_at": booking.created_at, "seq": booking.seq}
         self.events.emit("started", booking_id=booking_id, **where, **latency)
+        run = None if self.status is None else await self.status.start(booking_id, delivery.attempt, delivery.source)
         if delivery.attempt > 1:
             await self.ledger.record_retry()
         try:
-            await self._workflow(booking, delivery.attempt)
+            await self._workflow(booking, delivery.attempt, run)
         except PaymentFailed as failure:
             self.events.emit("failed", booking_id=booking_id, error=str(failure), **where)
             if booking.fault.poison and delivery.attempt >= self.settings.max_attempts:
                 return Result(Outcome.DEAD, booking_id, f"poison: {failure} (after {delivery.attempt} attempts)")
             if delivery.attempt >= self.settings.max_attempts:
                 return Result(Outcome.DEAD, booking_id, f"attempts exhausted: {failure}")
+            if run is not None:
+                await run.retrying(str(failure))
             return Result(Outcome.RETRY, booking_id, str(failure))
         first = await self.ledger.record_completion(booking_id)
         self.events.emit("completed", booking_id=booking_id, duplicate=not first, **where, **latency)
+        if run is not None:
+            await run.completed()
         return Result(Outcome.COMPLETED, booking_id)
 
-    async def _workflow(self, booking: Booking, attempt: int) -> None:
+    async def _workflow(self, booking: Booking, attempt: int, run: BookingRun | None = None) -> None:
         """The five steps. Each awaits ``step_ms`` of simulated I/O, so concurrency has something to overlap."""
         settings = self.settings
         if booking.fault.slow_ms:
@@ -319,16 +331,24 @@ class BookingHandler:
         if settings.workflow == "noop":
             return
         await self._step()  # validate: parse_booking already checked the schema
+        if run is not None:
+            await run.step("charge_payment")
         await self._step()
         if booking.fault.poison:
             raise PaymentFailed("card declined: poison booking fails every attempt")
         if attempt <= booking.fault.fail_times:
             raise PaymentFailed(f"payment gateway timeout (injected: attempt {attempt} of {booking.fault.fail_times})")
         await self.ledger.apply_effect("payments", booking.booking_id, booking.booking_id, 1, settings.idempotent)
+        if run is not None:
+            await run.step("write_confirmation")
         await self._step()
         self._write_confirmation(booking)
+        if run is not None:
+            await run.step("send_email")
         await self._step()
         self._send_email(booking)
+        if run is not None:
+            await run.step("update_inventory")
         await self._step()
         await self.ledger.apply_effect("inventory", booking.booking_id, booking.hotel_id, 1, settings.idempotent)
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from labkit.booking import booking_id_of, encode
 from labkit.config import Config
 from labkit.errors import BrokerUnavailable
+from labkit.status import Accepted, BookingStatus, LabStatusRecorder, StatusRecorder, StatusRecords, summarize
 from labkit.workflow import BookingHandler, Delivery, Ledger, Result, WorkerSettings
 
 T = TypeVar("T")
@@ -115,16 +116,20 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    async def produce(self, messages: Iterable[Message]) -> list[str]:
+    async def produce(self, messages: Iterable[Message], *, delay_ms: int = 0) -> list[str]:
         """Send messages in order and return where each landed (job id, entry id, ``topic/partition/offset``).
 
         Returns only when the broker has acknowledged every message: a message reported
         as sent survives the producer crashing afterwards.
+
+        With ``delay_ms`` no worker starts a message before ``delay_ms`` after this call: BullMQ's own
+        delayed jobs; for Streams and Kafka, which have no delayed delivery, the lab's patterns (a sorted
+        set moved into the stream when due; a delay topic whose records wait for their time).
         """
 
-    async def produce_one(self, message: Message) -> str:
+    async def produce_one(self, message: Message, *, delay_ms: int = 0) -> str:
         """Send one message; see :meth:`produce`."""
-        return (await self.produce([message]))[0]
+        return (await self.produce([message], delay_ms=delay_ms))[0]
 
     @abstractmethod
     async def consume(self, handler: BookingHandler, stop: asyncio.Event) -> None:
@@ -198,6 +203,35 @@ class Backend(ABC):
             source=delivery.source,
             reason=reason,
         )
+        if handler.status is not None and result.booking_id is not None:
+            await handler.status.dead_lettered(result.booking_id, delivery.attempt, delivery.source, reason)
+
+    # -- per-booking status (labkit.status), for the booking service -----------------------
+
+    def retry_delay_s(self, attempt: int) -> float:
+        """Seconds from a failed ``attempt`` to the next one: exponential backoff (Streams overrides it)."""
+        return self.settings.backoff_for(attempt)
+
+    @property
+    def status_records(self) -> StatusRecords:
+        """The lab's per-booking status records of this backend (connect first)."""
+        return StatusRecords(self.redis, self.names, self.name)
+
+    def status_recorder(self, worker: str) -> StatusRecorder:
+        """What a worker of this backend records its bookings' transitions with: the lab's status records."""
+        return LabStatusRecorder(self.status_records, worker, self.retry_delay_s)
+
+    async def track_accepted(self, accepted: Sequence[Accepted]) -> None:
+        """Start the status of bookings a producer just sent: ``queued``, or ``delayed`` until their due time."""
+        await self.status_records.append((a.booking_id, a.transition()) for a in accepted)
+
+    async def booking_status(self, booking_id: str) -> BookingStatus | None:
+        """Where ``booking_id`` is on this backend, with its history; None when this backend never saw it."""
+        return summarize(await self.status_records.read(booking_id))
+
+    @abstractmethod
+    async def live_workers(self) -> list[str]:
+        """The workers consuming now, in the broker's own view (each backend says how it knows)."""
 
     @abstractmethod
     async def write_dead_letter(self, delivery: Delivery, reason: str) -> None:

@@ -25,11 +25,13 @@ The Python client has sharp edges, measured and worked around here:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,6 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from labkit.backends.base import Backend, BatchSink, Message, connected, dead_letter_record
 from labkit.booking import booking_id_of, encode
 from labkit.errors import BrokerUnavailable
+from labkit.status import STATUS_TTL_S, Accepted, BookingStatus, StatusRecorder, Transition, summarize
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,19 @@ KEEP_FAILED = 5000
 # After a lost connection the worker waits this long before asking Redis again
 # (BullMQ's default, 15 s, makes a restarted Redis look like a hung lab).
 RUN_RETRY_DELAY_MS = 1000
+
+#: The job the processor is running, so that the status recorder reports on the job object itself.
+CURRENT_JOB: contextvars.ContextVar[Job] = contextvars.ContextVar("bullmq_job")
+#: BullMQ's job states in the status API's words; a job that already failed an attempt is retrying, not queued.
+_STATUS_OF_STATE = {
+    "waiting": "queued",
+    "prioritized": "queued",
+    "waiting-children": "queued",
+    "delayed": "delayed",
+    "active": "active",
+    "completed": "completed",
+    "failed": "dead_lettered",  # the lab fails a job only once it is dead-lettered
+}
 
 #: Job states reported by :meth:`BullMQBackend.queue_depths`; the first three are the backlog.
 BACKLOG_STATES = ("waiting", "prioritized", "delayed")
@@ -282,17 +298,25 @@ class BullMQBackend(Backend):
             "backoff": {"type": "exponential", "delay": self.settings.backoff_ms},
         }
 
-    def _job_options(self) -> dict[str, Any]:
-        """Options every booking job carries."""
-        return {
+    def _job_options(self, delay_ms: int = 0) -> dict[str, Any]:
+        """Options every booking job carries; jobs tracked for the status API are kept as long as its records."""
+        keep: dict[str, Any] = {"age": STATUS_TTL_S} if self.settings.track_status else {}
+        options = {
             **self._retry_policy(),
-            "removeOnComplete": {"count": KEEP_COMPLETED},
-            "removeOnFail": {"count": KEEP_FAILED},
+            "removeOnComplete": keep or {"count": KEEP_COMPLETED},
+            "removeOnFail": keep or {"count": KEEP_FAILED},
         }
+        if delay_ms:
+            # BullMQ's own delayed job: due at timestamp + delay, moved to `wait` by a worker once due.
+            options.update(delay=delay_ms, timestamp=int(time.time() * 1000))
+        return options
 
-    async def produce(self, messages: Iterable[Message]) -> list[str]:
-        """Add one job per message, ``BULK_CHUNK`` at a time in one MULTI/EXEC each; returns job ids."""
-        options = self._job_options()
+    async def produce(self, messages: Iterable[Message], *, delay_ms: int = 0) -> list[str]:
+        """Add one job per message, ``BULK_CHUNK`` at a time in one MULTI/EXEC each; returns job ids.
+
+        With ``delay_ms``, BullMQ's own delayed jobs: they wait in the queue's ``delayed`` set.
+        """
+        options = self._job_options(delay_ms)
         ids: list[str] = []
         chunk: list[dict[str, Any]] = []
         with self._broker_errors():
@@ -345,6 +369,7 @@ class BullMQBackend(Backend):
             # only asks for a retry while attempt < settings.max_attempts.
             job.opts.update(retry_policy)
             job.attempts = settings.max_attempts
+            CURRENT_JOB.set(job)
             payload = wire_payload(job.data)
             delivery = Delivery(payload, attempt=job.attemptsMade + 1, source=f"job {job.id}")
             events.emit("received", booking_id=booking_id_of(payload), attempt=delivery.attempt, source=delivery.source)
@@ -476,3 +501,107 @@ class BullMQBackend(Backend):
         with self._broker_errors():
             for queue in (self.queue, self.dlq):
                 await queue.obliterate(force=True)
+
+    # -- per-booking status: BullMQ's own job state, progress and logs ---------------------
+
+    def _jobs_key(self, booking_id: str) -> str:
+        """The application's index of a booking's jobs (job ids are BullMQ's, not the booking id)."""
+        return self.ledger.key("jobs", booking_id)
+
+    def status_recorder(self, worker: str) -> StatusRecorder:
+        return JobProgressRecorder(self.queue, worker, self.retry_delay_s)
+
+    async def track_accepted(self, accepted: Sequence[Accepted]) -> None:
+        """Remember each booking's job id, as an application stores the id ``queue.add`` returned.
+
+        Everything else about the job (waiting or delayed, its due time) BullMQ keeps itself.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in accepted:
+                pipe.rpush(self._jobs_key(item.booking_id), item.where)
+                pipe.expire(self._jobs_key(item.booking_id), STATUS_TTL_S)
+            await pipe.execute()
+
+    async def booking_status(self, booking_id: str) -> BookingStatus | None:
+        """The booking's jobs as BullMQ sees them: state from ``getState``, progress from ``job.progress``,
+        history from the job logs the workers wrote (plus the job's own creation time and delay).
+
+        Raises:
+            BrokerUnavailable: Redis does not answer.
+        """
+        with self._broker_errors():
+            job_ids = [_text(j) for j in await self.redis.lrange(self._jobs_key(booking_id), 0, -1)]
+            history: list[Transition] = []
+            latest: tuple[Job, str] | None = None
+            for job_id in job_ids:
+                job = await Job.fromId(self.queue, job_id)
+                if job is None:
+                    continue  # removed by retention: the status records expired with it
+                history.append(_accepted_transition(job))
+                logs = await self.queue.getJobLogs(job_id)
+                history += [Transition.from_dict(json.loads(row)) for row in logs["logs"]]
+                latest = (job, str(await self.queue.getJobState(job_id)))
+        if latest is None:
+            return None
+        job, state = latest
+        current = _STATUS_OF_STATE.get(state)
+        if current in ("queued", "delayed") and job.attemptsMade > 0:
+            current = "retrying"  # waiting for its backoff, or due and waiting for a worker
+        status = summarize(history, current)
+        if status is None:
+            return None
+        progress = job.progress if isinstance(job.progress, dict) else {}
+        changes: dict[str, Any] = {"attempts": max(status.attempts, job.attemptsMade)}
+        if current == "active" and progress:
+            changes.update(step=progress.get("step"), progress=int(progress.get("progress") or 0))
+        if current == "delayed":
+            changes["due_at"] = (job.timestamp + job.delay) / 1000
+        if current == "dead_lettered" and status.reason is None:
+            changes["reason"] = job.failedReason
+        return dataclasses.replace(status, **changes)
+
+    async def live_workers(self) -> list[str]:
+        """Workers with a connection to this queue: BullMQ names each worker's connections (``CLIENT LIST``)."""
+        with self._broker_errors():
+            clients = await self.queue.get_workers()
+        names = {str(c.get("rawname", "")).partition(":w:")[2] for c in clients}
+        return sorted(name for name in names if name)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _accepted_transition(job: Job) -> Transition:
+    """The first entry of a job's history: added to ``wait``, or to ``delayed`` until its due time."""
+    at = job.timestamp / 1000
+    replayed_from = job.data.get("replayed_from") if isinstance(job.data, dict) else None
+    source = f"job {job.id}"
+    if job.opts.get("delay"):
+        due = (job.timestamp + int(job.opts["delay"])) / 1000
+        return Transition("delayed", at, due_at=due, source=source, replayed_from=replayed_from)
+    return Transition("queued", at, source=source, replayed_from=replayed_from)
+
+
+class JobProgressRecorder(StatusRecorder):
+    """BullMQ's own per-job status, as a BullMQ user keeps it: ``job.updateProgress()`` at every step,
+    ``job.log()`` for every transition (``bull:<queue>:<id>:logs``, read back by any BullMQ client)."""
+
+    def __init__(self, queue: Queue, worker: str, retry_delay_s: Callable[[int], float]) -> None:
+        super().__init__(worker, retry_delay_s)
+        self.queue = queue
+
+    async def write(self, booking_id: str, transition: Transition, progress: bool) -> None:
+        row = json.dumps(transition.to_dict(), separators=(",", ":"))
+        job = CURRENT_JOB.get(None)
+        job_id = (transition.source or "").removeprefix("job ")
+        if job is None or job.id != job_id:
+            # Not inside this job's processor: a stalled job BullMQ failed, dead-lettered afterwards.
+            await Job.addJobLog(self.queue, job_id, row)
+            return
+        if progress:
+            await asyncio.gather(
+                job.updateProgress({"step": transition.step, "progress": transition.progress}), job.log(row)
+            )
+        else:
+            await job.log(row)

@@ -31,6 +31,12 @@ The heartbeat prevents that: it re-claims the consumer's own long-running entrie
 (Redis 8.4 folds the reclaimer into the read: ``XREADGROUP ... CLAIM <min-idle>``. Valkey 9
 has no such option, so the lab uses the portable XAUTOCLAIM loop, which also shows the cursor.)
 
+Delayed bookings (``produce(..., delay_ms=...)``) are the lab's pattern, not a Streams feature:
+Streams delivers an entry as soon as it is added. A delayed booking waits in the sorted set
+``bookings:delayed`` with its due time (Redis's clock, in ms) as the score; every consumer runs a
+mover that, every :data:`MOVE_EVERY_S`, calls one Lua script that XADDs the due ones to the stream
+and removes them from the set, atomically, so each moves once however many consumers run it.
+
 Options (``WorkerSettings.options``):
 
 - ``heartbeat``: ``1`` (default) or ``0``. ``0`` turns the heartbeat off, so a drill can
@@ -43,6 +49,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -77,6 +84,13 @@ RECONNECT_GRACE_S = 30.0
 #: Pause between two attempts while Redis is away.
 RECONNECT_PAUSE_S = 0.2
 
+#: How often a consumer's mover looks for delayed bookings that are due: a due booking waits at most this long.
+MOVE_EVERY_S = 0.05
+#: Most delayed bookings one mover call moves into the stream.
+MOVE_BATCH = 500
+#: A consumer idle longer than this (no read at all) is not counted as a live worker.
+LIVE_IDLE_MS = 10_000
+
 Fields = dict[bytes, bytes]
 
 # Write a dead letter once per work entry: the set remembers which entries were dead-lettered, so
@@ -86,6 +100,30 @@ _WRITE_DEAD_LETTER = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return false end
 return redis.call('XADD', KEYS[2], '*',
   'booking', ARGV[2], 'reason', ARGV[3], 'attempts', ARGV[4], 'source_id', ARGV[1])
+"""
+
+
+# Delayed bookings: score = due time (Redis's clock, ms); member = "<unique id>|<booking text>".
+_DELAY = """
+local t = redis.call('TIME')
+local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], due, ARGV[i]) end
+return due
+"""
+# Move every due booking into the stream and drop it from the set; answer how many moved, and how many
+# ms until the next one is due (-1: none waiting).
+_MOVE_DUE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  local sep = string.find(member, '|', 1, true)
+  redis.call('XADD', KEYS[2], '*', 'booking', string.sub(member, sep + 1))
+  redis.call('ZREM', KEYS[1], member)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if nxt[2] then return {#due, tonumber(nxt[2]) - now} end
+return {#due, -1}
 """
 
 
@@ -121,11 +159,15 @@ class StreamsBackend(Backend):
     name: ClassVar[str] = "streams"
 
     _dead_letter_script: Any = None
+    _delay_script: Any = None
+    _move_due_script: Any = None
 
     async def connect(self) -> None:
-        """Connect, and register the dead-letter script with this connection's client."""
+        """Connect, and register the dead-letter and delay scripts with this connection's client."""
         await super().connect()
         self._dead_letter_script = self.redis.register_script(_WRITE_DEAD_LETTER)
+        self._delay_script = self.redis.register_script(_DELAY)
+        self._move_due_script = self.redis.register_script(_MOVE_DUE)
 
     @property
     def _dlq_written(self) -> str:
@@ -144,19 +186,59 @@ class StreamsBackend(Backend):
                 if "BUSYGROUP" not in str(e):  # BUSYGROUP: the group exists already, which is what we want
                     raise
 
-    async def produce(self, messages: Iterable[Message]) -> list[str]:
-        """XADD each message as field ``booking``, pipelined in chunks; returns the entry ids."""
+    async def produce(self, messages: Iterable[Message], *, delay_ms: int = 0) -> list[str]:
+        """XADD each message as field ``booking``, pipelined in chunks; returns the entry ids.
+
+        With ``delay_ms`` each message goes to the delayed set instead, due ``delay_ms`` after now by
+        Redis's clock; it is named there as ``bookings:delayed/<member id>``.
+        """
         ids: list[str] = []
         chunk: list[str | bytes] = []
+        send = self._xadd if not delay_ms else lambda texts: self._delay(texts, delay_ms)
         with _broker_errors(self.config.redis_url):
             for message in messages:
                 chunk.append(wire_text(message))
                 if len(chunk) == PRODUCE_CHUNK:
-                    ids += await self._xadd(chunk)
+                    ids += await send(chunk)
                     chunk = []
             if chunk:
-                ids += await self._xadd(chunk)
+                ids += await send(chunk)
         return ids
+
+    async def _delay(self, texts: list[str | bytes], delay_ms: int) -> list[str]:
+        """ZADD the texts to the delayed set in one script, each under a member id of its own."""
+        token = uuid.uuid4().hex[:12]
+        members = [f"{token}-{i}" for i in range(len(texts))]
+        args = [
+            f"{member}|".encode() + (t if isinstance(t, bytes) else t.encode())
+            for member, t in zip(members, texts, strict=True)
+        ]
+        await self._delay_script(keys=[self.names.stream_delayed], args=[delay_ms, *args])
+        return [f"{self.names.stream_delayed}/{member}" for member in members]
+
+    async def move_due(self) -> tuple[int, float | None]:
+        """Move the delayed bookings that are due into the stream (once each, whoever calls it).
+
+        Returns:
+            how many moved, and the seconds until the next one is due (None when none waits).
+        """
+        moved, until_next = await self._move_due_script(
+            keys=[self.names.stream_delayed, self.names.stream], args=[MOVE_BATCH]
+        )
+        return int(moved), (int(until_next) / 1000 if int(until_next) >= 0 else None)
+
+    async def _move_due_bookings(self) -> None:
+        """The consumer's mover: delayed bookings into the stream when due, every MOVE_EVERY_S or sooner."""
+        while True:
+            try:
+                moved, until_next = await self.move_due()
+            except (RedisConnectionError, RedisTimeoutError, ConnectionError, ResponseError) as e:
+                log.debug("moving due bookings failed (Redis away?): %s", e)
+                moved, until_next = 0, None
+            if moved == MOVE_BATCH:
+                continue  # more are due already
+            wait = MOVE_EVERY_S if until_next is None else min(MOVE_EVERY_S, until_next)
+            await asyncio.sleep(max(wait, 0.001))
 
     async def _xadd(self, texts: list[str | bytes]) -> list[str]:
         # Not a transaction: one round trip for the chunk, and each reply is that entry's id.
@@ -180,8 +262,12 @@ class StreamsBackend(Backend):
             ConfigError: a bad ``heartbeat`` option.
         """
         run = _ConsumerRun(self, handler, stop)
-        with _broker_errors(self.config.redis_url):
-            await run.run()
+        mover = asyncio.create_task(self._move_due_bookings())
+        try:
+            with _broker_errors(self.config.redis_url):
+                await run.run()
+        finally:
+            mover.cancel()
 
     async def consume_batches(self, sink: BatchSink, stop: asyncio.Event, consumer: str) -> None:
         """XREADGROUP up to BATCH_FETCH new entries, hand their ``booking`` fields to ``sink``, XACK them together.
@@ -232,9 +318,11 @@ class StreamsBackend(Backend):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xlen(stream)
                 pipe.xlen(self.names.stream_dlq)
-                stream_length, dlq_length = await pipe.execute()
+                pipe.zcard(self.names.stream_delayed)
+                stream_length, dlq_length, delayed = await pipe.execute()
             depths: dict[str, Any] = {
-                "backlog": stream_length,
+                "backlog": stream_length + delayed,
+                "delayed": delayed,
                 "in_flight": 0,
                 "pending_per_consumer": {},
                 "last_delivered_id": None,
@@ -248,14 +336,15 @@ class StreamsBackend(Backend):
                 return depths
             last_id = _text(info["last-delivered-id"])
             pending = await self.redis.xpending(stream, group)
+            lag = info.get("lag")
             depths.update(
-                backlog=info.get("lag"),
+                backlog=None if lag is None else lag + delayed,
                 in_flight=int(info["pending"]),
                 pending_per_consumer={_text(c["name"]): c["pending"] for c in pending["consumers"]},
                 last_delivered_id=last_id,
             )
             if depths["backlog"] is None:
-                depths["backlog"] = await self._count_after(last_id)
+                depths["backlog"] = await self._count_after(last_id) + delayed
         return depths
 
     async def _count_after(self, last_id: str) -> int:
@@ -272,9 +361,24 @@ class StreamsBackend(Backend):
         return count
 
     async def purge(self) -> None:
-        """Delete the work and dead-letter streams (the group goes with its stream) and the dead-letter markers."""
+        """Delete the work and dead-letter streams (the group goes with its stream), the delayed set and the
+        dead-letter markers."""
         with _broker_errors(self.config.redis_url):
-            await self.redis.delete(self.names.stream, self.names.stream_dlq, self._dlq_written)
+            names = self.names
+            await self.redis.delete(names.stream, names.stream_dlq, names.stream_delayed, self._dlq_written)
+
+    def retry_delay_s(self, attempt: int) -> float:
+        """The claim idle time, the same for every attempt: a retry is an entry left pending that long."""
+        return max(self.settings.backoff_ms, MIN_CLAIM_IDLE_MS) / 1000
+
+    async def live_workers(self) -> list[str]:
+        """Consumers of the group that read within LIVE_IDLE_MS (XINFO CONSUMERS; a killed one lingers, idle)."""
+        with _broker_errors(self.config.redis_url):
+            try:
+                consumers = await self.redis.xinfo_consumers(self.names.stream, self.names.stream_group)
+            except ResponseError:  # no stream or group yet
+                return []
+        return sorted(_text(c["name"]) for c in consumers if int(c["idle"]) < LIVE_IDLE_MS)
 
 
 class _ConsumerRun:

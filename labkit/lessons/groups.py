@@ -137,6 +137,11 @@ def _is_retry(topic: str) -> bool:
     return topic.endswith(".retry")
 
 
+def _is_work(topic: str) -> bool:
+    """The work topic, not one of those assigned alongside it (retries, delayed bookings)."""
+    return not topic.endswith((".retry", ".delay"))
+
+
 def owned_at(events: pd.DataFrame, at: float | None = None) -> dict[str, set[tuple[str, int]]]:
     """Which ``(topic, partition)`` each Kafka worker holds at monotonic time ``at`` [default: the end of the log].
 
@@ -194,7 +199,7 @@ def assignment_table(events: pd.DataFrame, at: float | None = None) -> pd.DataFr
     done = kafka[kafka["event"] == "completed"]["worker"].map(worker_label).value_counts()
     rows = []
     for worker in sorted(held, key=_label_order):
-        work = sorted(p for t, p in held[worker] if not _is_retry(t))
+        work = sorted(p for t, p in held[worker] if _is_work(t))
         retry = sorted(p for t, p in held[worker] if _is_retry(t))
         rows.append(
             {
@@ -242,7 +247,7 @@ def settled(events: pd.DataFrame, live_workers: Iterable[str], partitions: int) 
     """
     held = owned_at(events)
     live = {worker_label(w) for w in live_workers}
-    owners = sorted(p for worker in live for t, p in held.get(worker, ()) if not _is_retry(t))
+    owners = sorted(p for worker in live for t, p in held.get(worker, ()) if _is_work(t))
     return live <= set(held) and owners == list(range(partitions))
 
 
@@ -536,7 +541,7 @@ def unowned_spans(events: pd.DataFrame, partitions: int = 3) -> list[tuple[float
     for at in sorted(set(changes)):
         if end is not None and at > end:
             break
-        owners = {p for parts in owned_at(events, at).values() for t, p in parts if not _is_retry(t)}
+        owners = {p for parts in owned_at(events, at).values() for t, p in parts if _is_work(t)}
         full = owners >= set(range(partitions))
         if full and since is not None:
             spans.append((since, at))
@@ -562,7 +567,7 @@ def owners_by_phase(run: JoinLeave, partitions: int = 3) -> pd.DataFrame:
     phases = {"before the join": join, "after the join": leave, "after the leave": float(done.max())}
     rows = {}
     for phase, at in phases.items():
-        owner = {p: worker for worker, parts in owned_at(kafka, at).items() for t, p in parts if not _is_retry(t)}
+        owner = {p: worker for worker, parts in owned_at(kafka, at).items() for t, p in parts if _is_work(t)}
         rows[phase] = [owner.get(p, "-") for p in range(partitions)]
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=[f"partition {p}" for p in range(partitions)])
     frame.index.name = "owner at the end of"
@@ -631,7 +636,7 @@ def _shade_ownership(events: pd.DataFrame, start: float, row: dict[str, int], ax
     import pandas as pd
 
     log = assignment_log(events)
-    log = log[log["topic"].isna() | ~log["topic"].fillna("").map(_is_retry)]
+    log = log[log["topic"].isna() | log["topic"].fillna("").map(_is_work)]
     end = float(events["mono"].max())
     stopped = events[events["event"] == "stopped"].groupby("worker")["mono"].min()
     for worker, rows in log.groupby("worker"):

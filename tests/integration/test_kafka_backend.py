@@ -156,7 +156,7 @@ def test_lag_counts_every_record_of_multi_record_batches(lab_config: Config, tmp
                 await wait_for(lambda: _backlog_is(backend, 0), what="backlog 0")
             depths = await backend.queue_depths()
             assert set(depths["lag"].values()) == {0}
-            assert len(depths["lag"]) == 2 * PARTITIONS  # the work and the retry topic
+            assert len(depths["lag"]) == 3 * PARTITIONS  # the work, retry and delay topics
             assert (await counts(backend))["runs"] == 30
 
     asyncio.run(scenario())
@@ -329,7 +329,7 @@ def test_purge_then_setup_leaves_empty_topics_and_no_group(lab_config: Config, t
             await backend.reset()
             depths = await backend.queue_depths()
             assert depths["backlog"] == 0
-            assert len(depths["lag"]) == 2 * PARTITIONS
+            assert len(depths["lag"]) == 3 * PARTITIONS  # the work, retry and delay topics
             assert await backend.dead_letters() == []
             assert await counts(backend) == {
                 "completed": 0,

@@ -313,6 +313,7 @@ def test_queue_depths_reports_lag_pending_and_pending_per_consumer(lab_config: C
         assert (empty["backlog"], empty["in_flight"], empty["stream_length"]) == (0, 0, 0)
         assert depths == {
             "backlog": 5,
+            "delayed": 0,
             "in_flight": 4,
             "pending_per_consumer": {"ghost": 3, "other": 1},
             "last_delivered_id": ids[4],

@@ -6,11 +6,19 @@ the JSON text; ``bookings.retry`` with the same partition count; ``bookings.dlq`
 1 partition, so that the dead letters read back in one order. Workers form the consumer
 group ``booking-workers`` over the work and retry topics; how one consumes is
 ``labkit.backends.kafka.member``.
+
+Delayed bookings (``produce(..., delay_ms=...)``) are the lab's pattern, not a Kafka feature: Kafka
+delivers a record as soon as it is written. A delayed booking goes to ``bookings.delay`` (same
+partition count, key = ``booking_id``) with a ``not_before`` header (epoch ms), and the workers wait
+on it exactly as on a retry record: the partition pauses at the record until it is due, while every
+other partition flows. Records of one delay partition wait in order, so a booking due soon behind one
+due later waits for it (Kafka users' answer: one delay topic per delay level).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, cast
@@ -74,7 +82,8 @@ class KafkaBackend(Backend):
         partitions = existing.get(names.topic) or int(self.settings.option("partitions", DEFAULT_PARTITIONS))
         if partitions < 1:
             raise ConfigError(f"option partitions={partitions} must be at least 1")
-        wanted = {names.topic: partitions, names.topic_retry: partitions, names.topic_dlq: DLQ_PARTITIONS}
+        wanted = {names.topic: partitions, names.topic_retry: partitions, names.topic_delay: partitions}
+        wanted[names.topic_dlq] = DLQ_PARTITIONS
         self.admin.create_missing(wanted)
 
     async def _ensure_setup(self) -> None:
@@ -100,7 +109,7 @@ class KafkaBackend(Backend):
         names = self.names
 
         def purge() -> None:
-            self.admin.delete_topics([names.topic, names.topic_retry, names.topic_dlq])
+            self.admin.delete_topics([names.topic, names.topic_retry, names.topic_delay, names.topic_dlq])
             self.admin.delete_group(names.kafka_group)
 
         await asyncio.to_thread(purge)
@@ -115,7 +124,7 @@ class KafkaBackend(Backend):
         if not quirks.repairs_enabled(self.settings):
             return
         names = self.names
-        topics = [names.topic, names.topic_retry]
+        topics = [names.topic, names.topic_retry, names.topic_delay]
         await asyncio.to_thread(quirks.renew_group, self.admin, names.kafka_group, topics, self.repairs)
 
     async def broker_repairs(self) -> dict[str, int]:
@@ -124,8 +133,10 @@ class KafkaBackend(Backend):
 
     # -- producing ----------------------------------------------------------------------
 
-    async def produce(self, messages: Iterable[Outgoing]) -> list[str]:
+    async def produce(self, messages: Iterable[Outgoing], *, delay_ms: int = 0) -> list[str]:
         """Send messages (key = ``booking_id``) and wait until the broker acknowledged every one.
+
+        With ``delay_ms`` they go to the delay topic with ``not_before`` = now + ``delay_ms`` (epoch ms).
 
         Raises:
             BrokerUnavailable: the broker does not answer, or did not acknowledge in time.
@@ -135,10 +146,11 @@ class KafkaBackend(Backend):
         batch = list(messages)
         if not batch:
             return []
+        not_before = int(time.time() * 1000) + delay_ms if delay_ms else None
         # Encoding a large batch takes a while: do it in the thread too, off the event loop.
-        return await asyncio.to_thread(lambda: self.producer.send([self._booking_record(m) for m in batch]))
+        return await asyncio.to_thread(lambda: self.producer.send([self._booking_record(m, not_before) for m in batch]))
 
-    def _booking_record(self, message: Outgoing) -> Send:
+    def _booking_record(self, message: Outgoing, not_before: int | None = None) -> Send:
         text = wire_text(message)
         value = text.encode("utf-8") if isinstance(text, str) else text
         if isinstance(message, Mapping):
@@ -146,7 +158,12 @@ class KafkaBackend(Backend):
             key = booking_id if isinstance(booking_id, str) else None
         else:
             key = booking_id_of(value)  # a malformed message keeps whatever usable id it has
-        return Send(self.names.topic, key.encode("utf-8") if key is not None else None, value)
+        encoded_key = key.encode("utf-8") if key is not None else None
+        if not_before is None:
+            return Send(self.names.topic, encoded_key, value)
+        # The first delivery, waiting like a retry record (member.py) until its time.
+        headers: Headers = [("attempts", b"1"), ("not_before", str(not_before).encode())]
+        return Send(self.names.topic_delay, encoded_key, value, headers)
 
     async def send_batch(self, bookings: Sequence[Mapping[str, Any]]) -> None:
         """Produce bookings (key = ``booking_id``) with one shared delivery callback, and flush."""
@@ -257,7 +274,7 @@ class KafkaBackend(Backend):
             group_lag,
             client_config(self.config.kafka_bootstrap),
             names.kafka_group,
-            [names.topic, names.topic_retry],
+            [names.topic, names.topic_retry, names.topic_delay],
             self.config.kafka_bootstrap,
         )
         running = prefetched = 0
@@ -265,7 +282,24 @@ class KafkaBackend(Backend):
             counts = await self.redis.hgetall(key)
             running += int(counts.get(b"running", 0))
             prefetched += int(counts.get(b"buffered", 0))
-        return {"backlog": sum(lag.values()), "in_flight": running, "prefetched": prefetched, "lag": lag}
+        delayed = sum(n for where, n in lag.items() if where.startswith(f"{names.topic_delay}/"))
+        return {
+            "backlog": sum(lag.values()),
+            "in_flight": running,
+            "prefetched": prefetched,
+            "delayed": delayed,
+            "lag": lag,
+        }
+
+    async def live_workers(self) -> list[str]:
+        """Workers whose in-flight report in Redis is fresh (each refreshes it every second; it expires 5 s
+        after the worker dies): the embedded broker's describe-group answer lists no members."""
+        prefix = self.ledger.key("inflight", "")
+        return sorted([_text(key)[len(prefix) :] async for key in self.redis.scan_iter(match=f"{prefix}*", count=100)])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 __all__ = ["DEFAULT_PARTITIONS", "DLQ_PARTITIONS", "KafkaBackend"]

@@ -33,7 +33,8 @@ How a worker consumes (``KafkaBackend.consume``):
   record read before its time pauses only its retry partition (event ``retry_wait``);
   when it is due the partition seeks back to it and resumes. Records of one retry partition wait in
   order, so a long backoff holds up shorter ones behind it (Kafka's usual answer: one
-  retry topic per delay).
+  retry topic per delay). Delayed bookings wait the same way in the delay topic (``not_before``,
+  ``attempts`` 1), which the group reads beside the work and retry topics.
 - Rebalances: revoked partitions finish their running record (up to
   ``max.poll.interval.ms``), store and commit its offset, and drop what was buffered.
   Events ``assigned``/``revoked`` carry the partitions, since the embedded broker's
@@ -162,7 +163,9 @@ class GroupMember:
         self.max_poll_s = max_poll_ms / 1000
         #: Bound on a rebalance callback waiting for the event loop, so a dead loop cannot hang the poll thread.
         self.callback_timeout_s = self.max_poll_s + 10
-        self.topics = [self.names.topic, self.names.topic_retry]
+        self.topics = [self.names.topic, self.names.topic_retry, self.names.topic_delay]
+        #: Topics whose records wait for their ``not_before`` header: retries and delayed bookings.
+        self.waiting_topics = {self.names.topic_retry, self.names.topic_delay}
         self.slots = asyncio.Semaphore(settings.concurrency)
         self.parts: dict[tuple[str, int], Partition] = {}
         #: Tasks still running a record of a partition given up after max.poll.interval.ms.
@@ -251,7 +254,7 @@ class GroupMember:
                 continue  # fetched before a rebalance or a seek back: not ours to handle now
             if part.next_offset is not None and offset < part.next_offset:
                 continue  # fetched again after a seek: already buffered
-            if part.topic == self.names.topic_retry:
+            if part.topic in self.waiting_topics:
                 headers = headers_of(message)
                 not_before = header_int(headers, "not_before", 0)
                 if not_before > now_ms:
