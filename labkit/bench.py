@@ -237,11 +237,11 @@ def get_workload(name_or_path: str | Workload) -> Workload:
 
 
 class MessageFactory:
-    """The harness's messages: valid bookings (CONTRACT.md) padded to ``message_bytes``.
+    """The harness's messages: valid bookings (docs/contract.md) padded to ``message_bytes``.
 
     Message ``n`` has ``booking_id`` ``bench-<n mod keys>`` (the Kafka key), ``seq`` ``n // keys``,
     ``created_at`` its intended send time, and its number ``n`` (an extra field, which
-    CONTRACT.md lets consumers ignore) so that every message can be accounted for.
+    docs/contract.md lets consumers ignore) so that every message can be accounted for.
     """
 
     def __init__(self, workload: Workload) -> None:
@@ -612,9 +612,9 @@ def _drive(
     """Wait out the run (with a progress bar), pausing the consumers if the workload says so."""
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from labkit.progress import progress as progress_bar
 
-        bar = tqdm(total=round(workload.duration_s), desc=f"{backend} {workload.name}", unit="s", leave=False)
+        bar = progress_bar(total=round(workload.duration_s), desc=f"{backend} {workload.name}", unit="s")
     pause: tuple[float, float] | None = None
     try:
         while producer.is_alive():

@@ -1,4 +1,4 @@
-"""The booking message of CONTRACT.md: validation and a seeded generator.
+"""The booking message of docs/contract.md: validation and a seeded generator.
 
 Every backend carries the same JSON text, so a message is checked once, here, the same
 way for all three. A message that breaks a rule is a :class:`~labkit.errors.BadMessage`
@@ -156,7 +156,7 @@ def parse_booking(payload: bytes | str) -> Booking:
         The booking.
 
     Raises:
-        BadMessage: not UTF-8, not JSON, too large or too deep, or a CONTRACT.md rule broken.
+        BadMessage: not UTF-8, not JSON, too large or too deep, or a docs/contract.md rule broken.
     """
     if isinstance(payload, bytes):
         if len(payload) > MAX_MESSAGE_BYTES:

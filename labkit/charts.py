@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 WORKFLOW_STEPS = (
-    ("validate", "schema of\nCONTRACT.md"),
+    ("validate", "schema of\ndocs/contract.md"),
     ("charge\npayment", "Redis: payments"),
     ("write\nconfirmation", "file in the\nrun folder"),
     ("send\nemail", "file in the\nlocal outbox"),

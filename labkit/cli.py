@@ -28,6 +28,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 #: Commands that live in a layer above the engine, loaded by name only when asked for (click's lazy
 #: subcommands): the engine never imports them, so `labkit worker` does not load FastAPI.
 LAZY_COMMANDS = {"serve": "labkit.service.serve:serve_command"}
+#: The lab's Jupyter settings for `labkit lab` (see :func:`jupyter_lab_command`).
+JUPYTER_CONFIG = Path(__file__).resolve().parent / "resources" / "jupyter"
 
 
 class _LabkitGroup(click.Group):
@@ -87,7 +89,7 @@ def _line(s: ServiceStatus) -> str:
 
 
 def _after_up(config: Config) -> None:
-    """Create CONTRACT.md's queues, streams, topics and groups, so work sent before any worker starts waits."""
+    """Create docs/contract.md's queues, streams, topics and groups, so work sent before any worker starts waits."""
     for backend in BACKENDS:
         lab.with_backend(backend, lambda b: b.setup(), config)
     click.echo(
@@ -284,6 +286,21 @@ def stats(backend: str, as_json: bool) -> None:
         click.echo(f"{key:<16} {value}")
 
 
+def jupyter_lab_command(extra: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `labkit lab`: JupyterLab on the lessons, with the lab's defaults.
+
+    The lab's own Jupyter config folder (``labkit/resources/jupyter``) goes first on ``JUPYTER_CONFIG_PATH``: its
+    ``labconfig/default_setting_overrides.json`` answers JupyterLab's "get notified about Jupyter news?" question
+    (no), so the first lesson opens without a pop-up over it. These are defaults: a learner's own JupyterLab
+    settings still win, and nothing is written to the learner's ``~/.jupyter``.
+    """
+    args = [sys.executable, "-m", "jupyter", "lab", str(NOTEBOOKS), *extra]
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in args:
+        args.append("--allow-root")  # containers and CI run as root; Jupyter refuses otherwise
+    paths = [str(JUPYTER_CONFIG), os.environ.get("JUPYTER_CONFIG_PATH", "")]
+    return args, {**os.environ, "JUPYTER_CONFIG_PATH": os.pathsep.join(p for p in paths if p)}
+
+
 @cli.command("lab", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @_kafka_option
 @click.pass_context
@@ -292,10 +309,8 @@ def open_lab(ctx: click.Context, kafka: str | None) -> None:
     ctx.invoke(up, kafka=kafka)
     if kafka:
         os.environ["LABKIT_KAFKA"] = kafka  # the kernels' labkit then knows which broker it runs on
-    args = [sys.executable, "-m", "jupyter", "lab", str(NOTEBOOKS), *ctx.args]
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in args:
-        args.append("--allow-root")  # containers and CI run as root; Jupyter refuses otherwise
-    os.execv(sys.executable, args)
+    args, env = jupyter_lab_command(ctx.args)
+    os.execve(sys.executable, args, env)
 
 
 @cli.group()

@@ -32,7 +32,7 @@ _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 
 @dataclass(frozen=True)
 class Names:
-    """The wire names of CONTRACT.md, each with the namespace prefix applied."""
+    """The wire names of docs/contract.md, each with the namespace prefix applied."""
 
     namespace: str = ""
 

@@ -569,7 +569,7 @@ def kafka_restart(
 
 
 def fuzz_corpus() -> list[tuple[str, bytes]]:
-    """At least 200 bad messages, each with its category; every one breaks CONTRACT.md somehow.
+    """At least 200 bad messages, each with its category; every one breaks docs/contract.md somehow.
 
     Deterministic, so a failure names the exact message. JSON objects carry a ``fz-`` id where
     the id itself is not the fault, so their dead letters can be told apart.

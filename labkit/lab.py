@@ -129,7 +129,10 @@ def produce(
 
 
 def stats(backend: str, config: Config | None = None) -> dict[str, Any]:
-    """CONTRACT.md's counters for ``backend``: completed, dead_lettered, retried, duplicates, in_flight, backlog."""
+    """The contract's counters for ``backend`` (docs/contract.md).
+
+    Returns ``completed``, ``dead_lettered``, ``retried``, ``duplicates``, ``in_flight`` and ``backlog``.
+    """
     return with_backend(backend, lambda b: b.stats(), config)
 
 
@@ -169,7 +172,7 @@ STATS_COLUMNS = ["completed", "dead_lettered", "retried", "duplicates", "in_flig
 
 
 def stats_frame(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """CONTRACT.md's counters of several backends side by side, one row per backend.
+    """docs/contract.md's counters of several backends side by side, one row per backend.
 
     Each backend's own detail (job states, pending per consumer, lag per partition) stays in
     the dicts that :func:`stats` returns.

@@ -459,9 +459,9 @@ class WorkerPool:
         deadline = time.monotonic() + timeout
         bar = None
         if progress and expected is not None:
-            from tqdm.auto import tqdm
+            from labkit.progress import progress as progress_bar
 
-            bar = tqdm(total=expected, desc=f"{self.backend} settled", unit="booking")
+            bar = progress_bar(total=expected, desc=f"{self.backend} settled", unit="booking")
         confirmed = False
         try:
             while True:

@@ -5,7 +5,10 @@ nbval executes each code cell of the notebook in one kernel and compares the cel
 things CI needs from that same single execution:
 
 - ``--executed-copy PATH``: the executed notebook, every output included (charts too), written
-  to PATH, outside the source tree, for a person to open when a run fails;
+  to PATH, outside the source tree, for a person to open when a run fails. Outputs that the cell
+  updated in place (``update_display_data``: a progress bar that closes into its final line, see
+  labkit/progress.py) are saved as they ended, as papermill and nbconvert save them; nbval itself
+  ignores those updates;
 - at the last cell, while the kernel still runs: no worker process the notebook started may still
   be alive (every ``WorkerPool`` must have been stopped by its ``with`` block). Processes are found
   by the run's marker variable (``--run-marker NAME=VALUE``), which every child inherits.
@@ -23,6 +26,8 @@ from notebook_checks import processes_with
 
 _counter = itertools.count(1)
 _notebooks: dict[int, Any] = {}
+#: The kernel's iopub messages seen while nbval ran the current cell, in order.
+_messages: list[dict[str, Any]] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,13 +36,50 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--run-marker", default=None, help="NAME=VALUE in the environment of this run's processes")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """Keep a copy of every kernel message nbval reads for this cell (nbval keeps only what it compares)."""
+    notebook = item.parent
+    read = getattr(notebook, "get_kernel_message", None)
+    if read is not None and not getattr(read, "recording", False):
+
+        def recording(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            message: dict[str, Any] = read(*args, **kwargs)
+            _messages.append(message)
+            return message
+
+        recording.recording = True  # type: ignore[attr-defined]
+        notebook.get_kernel_message = recording  # type: ignore[union-attr]
+    _messages.clear()
+    yield
+
+
+def with_display_updates(outputs: list[Any], messages: list[dict[str, Any]]) -> list[Any]:
+    """``outputs`` (nbval's, in message order) with every ``update_display_data`` of the cell applied.
+
+    nbval drops the display id of a ``display_data`` message; the messages give it back: the k-th
+    ``display_data`` output is the k-th ``display_data`` message of the cell's execution.
+    """
+    cell_id = next((m["parent_header"].get("msg_id") for m in messages if m["msg_type"] == "execute_input"), None)
+    mine = [m for m in messages if cell_id and m["parent_header"].get("msg_id") == cell_id]
+    shown = [m["content"].get("transient", {}).get("display_id") for m in mine if m["msg_type"] == "display_data"]
+    displays = [o for o in outputs if o.get("output_type") == "display_data"]
+    by_id = {display_id: o for display_id, o in zip(shown, displays, strict=False) if display_id}
+    for update in (m for m in mine if m["msg_type"] == "update_display_data"):
+        target = by_id.get(update["content"].get("transient", {}).get("display_id"))
+        if target is not None:
+            target["data"], target["metadata"] = update["content"]["data"], update["content"]["metadata"]
+    return outputs
+
+
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
     """After nbval ran (and compared) a cell, keep what it printed in the notebook for the executed copy."""
     outputs = getattr(item, "test_outputs", None)
     if call.when != "call" or outputs is None:
         return
     cell = item.cell  # type: ignore[attr-defined]  # nbval's IPyNbCell
-    cell.outputs = [nbformat.from_dict(dict(output)) for output in outputs]
+    outputs = with_display_updates([dict(output) for output in outputs], _messages)
+    cell.outputs = [nbformat.from_dict(output) for output in outputs]
     cell.execution_count = next(_counter)
     _notebooks[id(item.parent)] = item.parent.nb  # type: ignore[union-attr]  # nbval's IPyNbFile
 

@@ -19,7 +19,7 @@ from labkit.workflow import BookingHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: A booking that keeps every rule of CONTRACT.md; tests change one field at a time.
+#: A booking that keeps every rule of docs/contract.md; tests change one field at a time.
 VALID_BOOKING = {
     "booking_id": "bk-1",
     "user_id": "user-1",

@@ -180,7 +180,7 @@ class Backend(ABC):
     # -- shared behaviour ----------------------------------------------------------------
 
     async def stats(self) -> dict[str, Any]:
-        """CONTRACT.md's counters: the ledger's counts plus the broker's backlog and in-flight."""
+        """docs/contract.md's counters: the ledger's counts plus the broker's backlog and in-flight."""
         counts = await self.ledger.counts()
         depths = await self.queue_depths()
         return {"backend": self.name, **counts, **depths}
@@ -235,7 +235,7 @@ class Backend(ABC):
 
     @abstractmethod
     async def write_dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Write one dead letter in this backend's format (CONTRACT.md); idempotent per booking where possible."""
+        """Write one dead letter in this backend's format (docs/contract.md); idempotent per booking where possible."""
 
 
 def connected(client: T | None) -> T:

@@ -1,7 +1,7 @@
 """BullMQ: a job queue on Redis, through the official Python ``bullmq`` client.
 
 Each booking is a job named ``booking`` in queue ``bookings`` whose data is the booking
-object (CONTRACT.md). BullMQ itself keeps the per-job bookkeeping the other backends
+object (docs/contract.md). BullMQ itself keeps the per-job bookkeeping the other backends
 build by hand: a lock per active job, an attempts counter, exponential backoff through
 its ``delayed`` set, and the ``failed`` set. Dead letters are jobs in a second queue,
 ``bookings-dlq``, that nothing consumes, so a learner can inspect (or reprocess) them
@@ -114,7 +114,7 @@ class _DeadLettered(UnrecoverableError):  # type: ignore[misc]  # bullmq ships n
 def job_data(message: Message) -> Any:
     """The job data that carries ``message``: the booking object, or the raw text of anything else.
 
-    CONTRACT.md makes job data the booking object, so JSON-object text is decoded. A
+    docs/contract.md makes job data the booking object, so JSON-object text is decoded. A
     malformed message (not JSON, not an object) travels as its own text so the worker can
     dead-letter it with the same reason the other backends give; bytes that are not UTF-8
     are kept byte-exact as surrogate escapes (``\\udcff`` in the job's JSON).

@@ -1,6 +1,6 @@
 """Redis Streams: an append-only log read by a consumer group, with a pending list per consumer.
 
-How the booking job maps onto Streams (names from CONTRACT.md, namespace applied):
+How the booking job maps onto Streams (names from docs/contract.md, namespace applied):
 
 - Work is the stream ``bookings``; each entry has one field, ``booking``, holding the JSON
   text exactly as sent (malformed text too: lessons send it on purpose).

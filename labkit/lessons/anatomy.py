@@ -36,7 +36,7 @@ BULLMQ_PREFIX = "bull"
 
 #: What each field of a BullMQ job hash means (written by BullMQ's Lua scripts, shared by the Python and Node clients).
 BULLMQ_FIELDS = {
-    "name": "job name; CONTRACT.md: booking",
+    "name": "job name; docs/contract.md: booking",
     "data": "the booking object, as JSON text",
     "opts": "job options: attempts allowed, backoff, how many finished jobs to keep",
     "timestamp": "when the job was added (Unix ms)",
@@ -446,10 +446,13 @@ def same_key_same_partition(records: pd.DataFrame) -> bool:
     return bool((keyed.groupby("key")["partition"].nunique() == 1).all())
 
 
-def offsets_follow_send_order(reports: pd.DataFrame) -> bool:
-    """True when, in every partition, records got increasing offsets in the order they were sent."""
+def offsets_follow_send_order(reports: pd.DataFrame) -> bool | None:
+    """True when, in every partition, records got increasing offsets in the order they were sent.
+
+    None when some report carries no offset (``acks=0``): without offsets the order cannot be judged.
+    """
     if reports["offset"].isna().any():
-        return False
+        return None
     ordered = reports.sort_values("i")
     return bool(ordered.groupby("partition")["offset"].apply(lambda s: s.is_monotonic_increasing).all())
 
@@ -466,7 +469,8 @@ def acks_experiment(config: Config, bookings: Sequence[Mapping[str, Any]]) -> pd
 
     Returns:
         one row per setting: ``acks, idempotent, sent, reports, offsets_known, stored, errors,
-        in_send_order`` (offsets increase in send order in every partition).
+        in_send_order`` (offsets increase in send order in every partition; None when the reports
+        carry no offsets, so the order cannot be judged).
     """
     import pandas as pd
 
@@ -641,7 +645,8 @@ def producer_throughput(
         one row per backend and batch size: ``backend, batch_size, sent, bookings_per_s``.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    from labkit.progress import progress as progress_bar
 
     for backend in backends:
         check_backend(backend)
@@ -650,7 +655,7 @@ def producer_throughput(
     texts = [encode(dict(b)) for b in bookings]
     rows = []
     points = [(backend, size) for backend in backends for size in batch_sizes]
-    for backend, size in tqdm(points, desc="throughput points", disable=not progress):
+    for backend, size in progress_bar(points, desc="throughput points", unit="point", disable=not progress):
         if backend == "kafka":
             sent, per_s = _kafka_burst(config, texts, size, seconds)
         elif backend == "streams":

@@ -23,11 +23,14 @@ Charts are in :mod:`labkit.charts` (``throughput_bars``, ``latency_spectrum``,
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from labkit.charts import PRODUCTS
 from labkit.config import BACKENDS
+from labkit.lessons.figures import BROKERS, figure
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,16 +44,17 @@ PERCENTILE_COLUMNS = ["p50_ms", "p95_ms", "p99_ms", "p999_ms", "max_ms"]
 #: Two medians closer than this (relative to the better one) do not make one backend the better choice.
 CLOSE = 0.10
 
-#: What lessons 02-07 measured or showed, per feature and backend (the lesson's learner defaults,
-#: on the lab's 2-core machine with the embedded Kafka-protocol broker). Lesson 08 adds its own figures.
+#: What lessons 02-07 showed, per feature and backend. ``{NN.name}`` is a figure the lesson measured and
+#: ``benchmarks/lessons.py --record`` recorded (labkit.lessons.figures), filled in by :func:`lesson_rows` from the
+#: recorded run on the broker this notebook measures; lesson 08 adds its own figures.
 LESSON_FEATURES: dict[str, dict[str, str]] = {
     "retries": {
-        "bullmq": "built in: attempts and exponential backoff are job options; 03 measured gaps of 538 and "
-        "1027 ms for 500 and 1000 ms configured",
+        "bullmq": "built in: attempts and exponential backoff are job options; 03: the median retry came "
+        "{03.retry_extra_ms_bullmq} after its configured backoff",
         "streams": "no retry queue: an unacknowledged entry stays pending until XAUTOCLAIM takes it after "
-        "min-idle, the same wait every time; 03 measured 731 and 606 ms for a min-idle of 500 ms",
+        "min-idle, the same wait every time; 03: the median retry came {03.retry_extra_ms_streams} after min-idle",
         "kafka": "none in the client: the lab's worker writes a retry topic, so the work partition never "
-        "waits; 03 measured 606 and 1118 ms for 500 and 1000 ms configured",
+        "waits; 03: the median retry came {03.retry_extra_ms_kafka} after its configured backoff",
     },
     "delays": {
         "bullmq": "built in: delayed jobs wait in a sorted set by due time (the backoff uses it); 03: no "
@@ -59,41 +63,42 @@ LESSON_FEATURES: dict[str, dict[str, str]] = {
         "kafka": "none: the lab's retry records carry a not_before header and their partition pauses until then (03)",
     },
     "DLQ": {
-        "bullmq": "failed jobs are kept in a failed set; the lab's DLQ is a second queue; 04: 48 sent = 40 "
-        "completed + 8 dead-lettered, 45 + 3 after fix and replay",
-        "streams": "none: the lab's worker writes a DLQ stream; 04: 48 = 40 + 8, malformed after 1 delivery, "
-        "poison after max_attempts; 45 + 3 after replay",
+        "bullmq": "failed jobs are kept in a failed set; the lab's DLQ is a second queue; 04: {04.reconciled_bullmq}",
+        "streams": "none: the lab's worker writes a DLQ stream; 04: {04.reconciled_streams}",
         "kafka": "none in the client: the lab's worker writes a DLQ topic with reason and attempts headers; "
-        "04: 48 = 40 + 8, 45 + 3 after replay",
+        "04: {04.reconciled_kafka}",
     },
     "ordering": {
-        "bullmq": "in order only at concurrency 1; 05: 27 of 27 bookings out of order at concurrency 8",
-        "streams": "in order only with one consumer; 05: 27 of 27 bookings out of order with 3 consumers",
-        "kafka": "per key, through its partition; 05: 0 of 27 bookings out of order with 3 consumers. A retry "
-        "reordered the retried bookings on all three",
+        "bullmq": "in order only at concurrency 1; 05: {05.out_of_order_bullmq_8} of {05.unretried_bookings} "
+        "unretried bookings out of order at concurrency 8",
+        "streams": "in order only with one consumer; 05: {05.out_of_order_streams_3} of {05.unretried_bookings} "
+        "unretried bookings out of order with 3 consumers",
+        "kafka": "per key, through its partition; 05: {05.out_of_order_kafka_3} of {05.unretried_bookings} "
+        "unretried bookings out of order with 3 consumers. A retry reordered the retried bookings on all three",
     },
     "replay": {
         "bullmq": "no log: a finished job is removed once 1000 newer ones finished; 04 replayed by adding the "
         "fixed dead letters again",
         "streams": "entries stay until trimmed or deleted: re-read with XRANGE or a new group from id 0 (03 "
         "re-read pending entries with XREADGROUP 0)",
-        "kafka": "the log stays: seek to an offset or reset a group's offsets; 04: the embedded broker answers "
-        "0 to offsets_for_times, so replay by offset",
+        "kafka": "the log stays: seek to an offset or reset a group's offsets; 04: offsets_for_times for an hour "
+        "ahead answered {04.offsets_for_future} (the right answer: -1)",
     },
     "retention": {
         "bullmq": "finished jobs by count (the lab keeps 1000 completed, 5000 failed); 01: jobId dedupe lasts "
         "only as long as the job is kept",
         "streams": "until XTRIM / MAXLEN (the lab trims nothing), in Redis memory, AOF on disk",
-        "kafka": "by time or size per topic on Apache Kafka; the embedded broker ignores retention and "
-        "keeps everything in memory only",
+        "kafka": "by time or size per topic on Apache Kafka, its log on disk; the embedded broker ignores "
+        "retention and keeps everything in memory only (docs/embedded-kafka.md)",
     },
     "consumer groups": {
-        "bullmq": "implicit: workers compete for one queue; 02: a worker joined and left with no pause; 06: "
-        "5.7x throughput at 8 workers (I/O-bound)",
-        "streams": "named groups (XREADGROUP), any number of consumers; 02: no pause on join or leave; 06: "
-        "6.1x at 8 workers",
-        "kafka": "groups with partition assignment: 02: a join paused the group 3.0-3.15 s and a 4th consumer "
-        "on 3 partitions processed 0; 06: 2.7x at 8 workers, capped by 3 partitions",
+        "bullmq": "implicit: workers compete for one queue; 02: the longest pause after a worker joined was "
+        "{02.join_pause_bullmq_s}; 06: {06.speedup_bullmq} the throughput at the most workers (I/O-bound)",
+        "streams": "named groups (XREADGROUP), any number of consumers; 02: longest pause after a join "
+        "{02.join_pause_streams_s}; 06: {06.speedup_streams} at the most workers",
+        "kafka": "groups with partition assignment; 02: a join paused the group for {02.join_pause_kafka_s} "
+        "(its rebalance: {02.join_rebalance_s}) and a 4th consumer on 3 partitions processed nothing; 06: "
+        "{06.speedup_kafka} at the most workers, capped by 3 partitions",
     },
     "priorities": {
         "bullmq": "built in: a job's priority option (the prioritized set); not measured in the lab",
@@ -101,43 +106,158 @@ LESSON_FEATURES: dict[str, dict[str, str]] = {
         "kafka": "none: one topic per priority; not measured",
     },
     "crash redelivery": {
-        "bullmq": "07: a SIGKILLed worker's job came back after 5.0-7.0 s (lock 5 s + stalled check 2 s)",
-        "streams": "07: after 1.4-2.4 s (XAUTOCLAIM, claim idle time 2 s)",
-        "kafka": "07: after 8.6-10.2 s (session timeout 6 s + rebalance)",
+        "bullmq": "07: a SIGKILLed worker's job came back after {07.handed_back_bullmq_s} (lock 5 s + stalled "
+        "check 2 s)",
+        "streams": "07: after {07.handed_back_streams_s} (XAUTOCLAIM, claim idle time 2 s)",
+        "kafka": "07: after {07.handed_back_kafka_s} (session timeout 6 s + the survivor's heartbeat + a rebalance)",
     },
 }
 
-#: Lesson figures that "when to choose which" ranks: the (min, max) each backend measured, and what they are.
+#: Lesson figures that "when to choose which" ranks: the figure of each backend (``values``: recorded keys).
 LESSON_FIGURES: dict[str, dict[str, Any]] = {
     "crash": {
         "need": "the fastest hand-over of a crashed worker's message",
         "source": "lesson 07 (SIGKILL; the lab's lock, claim and session settings)",
         "unit": " s",
         "lower_is_better": True,
-        "values": {"bullmq": (5.0, 7.0), "streams": (1.4, 2.4), "kafka": (8.6, 10.2)},
+        "values": {b: f"07.handed_back_{b}_s" for b in BACKENDS},
     },
     "order": {
         "need": "per-booking order with several consumers in parallel",
-        "source": "lesson 05 (3 consumers, or concurrency 8; bookings out of order, of 27 never retried)",
-        "unit": " of 27",
+        "source": "lesson 05 (3 consumers, or concurrency 8; unretried bookings out of order)",
+        "unit": "",
         "lower_is_better": True,
-        "values": {"bullmq": (27, 27), "streams": (27, 27), "kafka": (0, 0)},
+        "values": {
+            "bullmq": "05.out_of_order_bullmq_8",
+            "streams": "05.out_of_order_streams_3",
+            "kafka": "05.out_of_order_kafka_3",
+        },  # fmt: skip
     },
     "scaling": {
         "need": "more throughput from more worker processes (I/O-bound work)",
-        "source": "lesson 06 (speedup of 8 workers over 1; Kafka topic of 3 partitions)",
+        "source": "lesson 06 (speedup of the most workers over one; Kafka topic of 3 partitions)",
         "unit": "x",
         "lower_is_better": False,
-        "values": {"bullmq": (5.7, 5.7), "streams": (6.1, 6.1), "kafka": (2.7, 2.7)},
+        "values": {b: f"06.speedup_{b}" for b in BACKENDS},
     },
     "rebalance": {
         "need": "workers that join and leave without stopping the others",
-        "source": "lesson 02 (longest pause of the group while a worker joined)",
+        "source": "lesson 02 (longest pause of the group after a worker joined)",
         "unit": " s",
         "lower_is_better": True,
-        "values": {"bullmq": (0, 0), "streams": (0, 0), "kafka": (3.0, 3.15)},
+        "values": {b: f"02.join_pause_{b}_s" for b in BACKENDS},
     },
 }
+#: A figure of :data:`LESSON_FEATURES`: ``{02.join_pause_kafka_s}``.
+_PLACEHOLDER = re.compile(r"\{(\d\d\.[A-Za-z0-9_]+)\}")
+#: What a cell says for a figure no recorded run has.
+NOT_RECORDED = "(not recorded yet: python benchmarks/lessons.py --record)"
+
+
+def lesson_rows(lessons: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
+    """:data:`LESSON_FEATURES` with each ``{figure}`` filled from ``lessons`` (a recorded run's figures)."""
+    found = lessons or {}
+
+    def fill(match: re.Match[str]) -> str:
+        key = match.group(1)
+        return figure(key).format(found[key]) if found.get(key) is not None else NOT_RECORDED
+
+    return {feature: {b: _PLACEHOLDER.sub(fill, text) for b, text in row.items()} for feature, row in
+            LESSON_FEATURES.items()}  # fmt: skip
+
+
+#: The documented long run of this lesson, shipped with the lab: ``labkit bench`` result folders, one per
+#: broker (``embedded``, ``apache``) and workload, made by :data:`DOCUMENTED_COMMANDS` (docs/lessons.md).
+DOCUMENTED_RUNS = Path(__file__).with_name("documented-runs")
+#: What ``FULL = True`` runs, and what the documented run ran: the workloads' changes and repetitions.
+FULL_PLAN: dict[str, tuple[dict[str, float], int]] = {
+    "steady": ({"duration_s": 30, "warmup_s": 5}, 3),
+    "max-rate": ({"duration_s": 10, "warmup_s": 3}, 3),
+    "backlog-drain": ({}, 1),
+}
+#: The commands that made the documented run, one per workload (``-b kafka`` on Apache Kafka).
+DOCUMENTED_COMMANDS = {
+    "steady": "labkit bench -w steady -r 3 --duration 30 --warmup 5",
+    "max-rate": "labkit bench -w max-rate -r 3 --duration 10 --warmup 3",
+    "backlog-drain": "labkit bench -w backlog-drain -r 1",
+}
+
+
+class Step(NamedTuple):
+    """One workload of the lesson and how often it runs on each backend."""
+
+    workload: Workload
+    repetitions: int
+
+
+def plan(
+    full: bool,
+    repetitions: int,
+    steady: str,
+    steady_changes: Mapping[str, Any],
+    max_rate_changes: Mapping[str, Any],
+    drain_changes: Mapping[str, Any],
+) -> dict[str, Step]:
+    """The lesson's three workloads and how often each runs: ``steady``, ``max-rate``, ``backlog-drain``.
+
+    With ``full`` the documented long run's (:data:`FULL_PLAN`, whatever the changes say), else the named
+    workloads with the lesson's changes (a short live run), ``repetitions`` times each.
+    """
+    from labkit import bench
+
+    if full:
+        return {name: Step(bench.get_workload(name).replace(**changes), runs) for name, (changes, runs) in
+                FULL_PLAN.items()}  # fmt: skip
+    return {
+        "steady": Step(bench.get_workload(steady).replace(**steady_changes), repetitions),
+        "max-rate": Step(bench.WORKLOADS["max-rate"].replace(**max_rate_changes), repetitions),
+        "backlog-drain": Step(bench.WORKLOADS["backlog-drain"].replace(**drain_changes), repetitions),
+    }
+
+
+def plan_table(steps: Mapping[str, Step]) -> pd.DataFrame:
+    """:func:`workload_table` of a :func:`plan`, with a row for how often each workload runs per backend."""
+    table = workload_table(*(step.workload for step in steps.values()))
+    table.loc["runs per backend"] = [step.repetitions for step in steps.values()]
+    return table
+
+
+def kafka_figures(steady: BenchResult, max_rate: BenchResult, drain: BenchResult) -> dict[str, float]:
+    """This run's Kafka figures that the lesson's "Embedded broker" box compares across the two brokers."""
+    return {
+        "08.steady_kafka_p99_ms": _figures(steady.summary, "p99_ms").get("kafka", (math.nan,))[0],
+        "08.max_rate_kafka_per_s": _figures(max_rate.summary, "throughput_per_s").get("kafka", (math.nan,))[0],
+        "08.drain_kafka_recovery_s": _figures(drain.summary, "recovery_s").get("kafka", (math.nan,))[0],
+    }
+
+
+def documented_results(folder: Path = DOCUMENTED_RUNS) -> dict[str, dict[str, BenchResult]]:
+    """The documented long run: broker (``embedded``, ``apache``) -> workload -> :class:`~labkit.bench.BenchResult`."""
+    from labkit.bench import BenchResult
+
+    found: dict[str, dict[str, BenchResult]] = {}
+    for run in sorted(folder.glob("*/*/metadata.json")):
+        found.setdefault(run.parent.parent.name, {})[run.parent.name] = BenchResult.load(run.parent)
+    return found
+
+
+def documented_table(workload: str, folder: Path = DOCUMENTED_RUNS) -> pd.DataFrame:
+    """The documented run's figures for ``workload``, every broker's rows in one table (indexed by label).
+
+    The backlog drain gets :func:`recovery_table`'s columns, the others :func:`results_table`'s; ``recorded``
+    is the date the run finished.
+    """
+    import pandas as pd
+
+    tables = []
+    found = documented_results(folder)
+    for broker in sorted(found, key=lambda b: list(BROKERS).index(b) if b in BROKERS else len(BROKERS)):
+        runs = found[broker]
+        if workload in runs:
+            result = runs[workload]
+            table = recovery_table(result) if workload == "backlog-drain" else results_table(result)
+            tables.append(table.assign(recorded=str(result.metadata.get("finished_at", ""))[:10]))
+    return pd.concat(tables) if tables else pd.DataFrame()
 
 
 # -- the method: settings, machine, servers ------------------------------------------------------
@@ -166,7 +286,7 @@ def kafka_note(server: str) -> str:
     if "Tansu" in server or "embedded" in server:
         return (
             f"{server}: the lab's embedded Kafka-protocol broker, one broker keeping everything in memory only, "
-            "not Apache Kafka; `docker compose up` measures Apache Kafka instead (docs/embedded-kafka.md)"
+            "not Apache Kafka; `labkit up --kafka apache` measures Apache Kafka instead (docs/embedded-kafka.md)"
         )
     return f"{server}: not the lab's embedded broker; its version and settings decide the results"
 
@@ -367,15 +487,17 @@ def feature_matrix(
     max_rate: BenchResult | None = None,
     drain: BenchResult | None = None,
     backends: Sequence[str] = BACKENDS,
+    lessons: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Features as rows, backends as columns: what lessons 02-07 measured, then this notebook's figures.
 
-    Each cell says what the lab found (with the lesson number) or, for rows marked "this run",
-    the median (min-max) of this notebook's runs. Results left out (None) leave their rows out.
+    Each cell says what the lab found (with the lesson number; its figures from ``lessons``, the recorded
+    run's, see :func:`labkit.lessons.figures.lesson_figures`) or, for rows marked "this run", the median
+    (min-max) of this notebook's runs. Results left out (None) leave their rows out.
     """
     import pandas as pd
 
-    rows = {**LESSON_FEATURES, **measured_rows(steady, max_rate, drain)}
+    rows = {**lesson_rows(lessons), **measured_rows(steady, max_rate, drain)}
     table = pd.DataFrame({PRODUCTS[b]: [rows[f].get(b, "") for f in rows] for b in backends}, index=list(rows))
     table.index.name = "feature"
     return table
@@ -428,6 +550,7 @@ def when_to_choose(
     max_rate: BenchResult | None = None,
     drain: BenchResult | None = None,
     backends: Sequence[str] = BACKENDS,
+    lessons: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """ "When to choose which", one row per need, each decided by numbers: this run's first, then the lessons'.
 
@@ -449,11 +572,17 @@ def when_to_choose(
         values = {b: v for b, v in _figures(result.summary, column).items() if b in backends}
         source = f"this notebook, {_workload_words(result.summary)}"
         rows.append(_choice(need, values, lower, unit, source, labels(result.summary)))
-    for figure in LESSON_FIGURES.values():  # ranked by the middle of each backend's range
-        ranges = {b: ((lo + hi) / 2, lo, hi) for b, (lo, hi) in figure["values"].items() if b in backends}
-        lower, unit = figure["lower_is_better"], figure["unit"]
-        rows.append(_choice(figure["need"], ranges, lower, unit, figure["source"], PRODUCTS, median=False))
-    return pd.DataFrame(rows).set_index("if you need")
+    found = lessons or {}
+    for spec in LESSON_FIGURES.values():  # one recorded figure per backend
+        values = {
+            b: (float(found[key]),) * 3
+            for b, key in spec["values"].items()
+            if b in backends and isinstance(found.get(key), int | float)
+        }
+        if values:
+            lower, unit = spec["lower_is_better"], spec["unit"]
+            rows.append(_choice(spec["need"], values, lower, unit, spec["source"], PRODUCTS, median=False))
+    return pd.DataFrame(rows, columns=["if you need", "choose", "measured", "source"]).set_index("if you need")
 
 
 # -- the lesson's checks --------------------------------------------------------------------------------

@@ -12,8 +12,11 @@ booking waits:
 - Redis Streams: the entry stays in the dead consumer's pending entries list (PEL) until it has
   been idle ``claim_idle_ms`` (the XAUTOCLAIM min-idle time) and a live consumer's reclaimer claims it.
 - Kafka: the broker notices the member is gone when no heartbeat came for ``session.timeout.ms``,
-  rebalances the group, and the partition's new owner starts again from the last *committed*
-  offset: the record that was running, and any finished record whose offset was not committed yet.
+  the survivor learns it at its next heartbeat and the group rebalances; the partition's new owner
+  starts again from the last *committed* offset: the record that was running, and any finished
+  record whose offset was not committed yet. How long the rebalance takes depends on the broker
+  (the embedded one holds every JoinGroup for half the session timeout), so the driver measures
+  one before the kill: the second Kafka worker joins after the first has its partitions.
 
 :func:`kill_after_payment` runs the same crash on several backends at once, in one thread (so
 that the slow parts, lock expiry and session timeout, overlap): it kills the worker holding one
@@ -26,6 +29,7 @@ analysis of the event logs, and the charts.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,9 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.backends.kafka.settings import HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS
 from labkit.booking import BookingGenerator
+from labkit.charts import PRODUCTS
 from labkit.config import BACKENDS, Config
 from labkit.events import load_run
 from labkit.lab import new_run, produce, reset, with_backend
+from labkit.lessons.figures import Statement, say
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings, count_effects
 
@@ -62,7 +68,7 @@ COLOURS = {"bullmq": "#d9534f", "streams": "#2b7bba", "kafka": "#3a9a5b"}
 RULES = {
     "bullmq": "lock expired → ≤ 2 stalled checks",
     "streams": "idle ≥ claim time → XAUTOCLAIM into a free slot",
-    "kafka": "no heartbeat for session.timeout.ms, then a rebalance",
+    "kafka": "session timeout ± a heartbeat, + the rebalance measured before the kill",
 }
 
 
@@ -110,6 +116,8 @@ class CrashRun:
         pending: Streams' XPENDING rows of the killed consumer's entries, at the kill and after the claim.
         offsets: Kafka's committed offset of every work partition at the kill and after the recovery.
         settings: the worker settings of each backend.
+        kafka_rebalance_s: the rebalance measured when the second Kafka worker joined, before the kill
+            (first partition revoked to last assigned); NaN without Kafka.
     """
 
     run_dir: Path
@@ -125,6 +133,7 @@ class CrashRun:
     pending: pd.DataFrame
     offsets: pd.DataFrame
     settings: dict[str, WorkerSettings]
+    kafka_rebalance_s: float = float("nan")
 
     @property
     def events(self) -> pd.DataFrame:
@@ -157,6 +166,10 @@ class CrashRun:
     def charged_more_than_once(self) -> pd.DataFrame:
         """:func:`charges_per_booking` of this run: the bookings some backend charged more than once."""
         return charges_per_booking(self.effects, self.bookings)
+
+    def extra_charges(self) -> pd.DataFrame:
+        """:func:`extra_charges_table` of this run: where every charge beyond one per booking came from."""
+        return extra_charges_table(self.events, self.effects, self.kills, self.victim, self.resent, self.bookings)
 
     def lost(self) -> dict[str, int]:
         """Bookings sent but neither completed nor dead-lettered, per backend."""
@@ -237,13 +250,14 @@ def kill_after_payment(
         reset(backend, config)
     with contextlib.ExitStack() as stack, redis_client.Redis.from_url(config.redis_url) as client:
         pools = {b: stack.enter_context(WorkerPool(b, config, settings[b], run_dir=run_dir)) for b in backends}
-        for pool in pools.values():
-            pool.start(2, ready_timeout=30)
-        if "kafka" in pools:
-            _wait_for_assignments(pools["kafka"], 2, timeout=30)
+        for backend, pool in pools.items():
+            pool.start(1 if backend == "kafka" else 2, ready_timeout=30)
+        rebalance_s = _second_kafka_worker_joins(pools["kafka"], timeout=60) if "kafka" in pools else float("nan")
         for backend in backends:
             produce(backend, [*sent, resent], config)
-        kills, pending_at_kill, offsets_at_kill = _kill_each_after_payment(pools, client, config, victim, timeout)
+        kills, pending_at_kill, offsets_at_kill = _kill_each_after_payment(
+            pools, client, config, victim, timeout, rebalance_s
+        )
         claimed = pd.DataFrame()
         if "streams" in kills:
             claimed = _wait_for_claim(client, config, kills["streams"], timeout)
@@ -267,6 +281,7 @@ def kill_after_payment(
         pending=_pending_frame(pending_at_kill, claimed),
         offsets=_offsets_frame(offsets_at_kill, offsets_after),
         settings=settings,
+        kafka_rebalance_s=rebalance_s,
     )
 
 
@@ -284,8 +299,48 @@ def _wait_for_assignments(pool: WorkerPool, n: int, timeout: float) -> None:
     raise TimeoutError(f"{n} Kafka workers were not all assigned partitions within {timeout:g} s")
 
 
+def _second_kafka_worker_joins(pool: WorkerPool, timeout: float) -> float:
+    """With one Kafka worker assigned, start a second and time the rebalance its join causes, in seconds.
+
+    That is the broker's rebalance, measured on the broker in use before anything is killed: the
+    first worker revokes its partitions when it learns of the newcomer, both rejoin, both are
+    assigned. From the first ``revoked`` to the last ``assigned`` (:func:`join_rebalance_s`).
+    """
+    _wait_for_assignments(pool, 1, timeout)
+    pool.start(1, ready_timeout=30)
+    deadline = time.monotonic() + timeout
+    while not _rebalanced(events := pool.events(), 2):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the second Kafka worker's join did not complete within {timeout:g} s")
+        time.sleep(_POLL_S * 10)
+    return join_rebalance_s(events)
+
+
+def _rebalanced(events: pd.DataFrame, workers: int) -> bool:
+    """``workers`` Kafka workers hold partitions, and every one that revoked its own was assigned again since."""
+    kafka = events[events["backend"] == "kafka"]
+    assigned = kafka[kafka["event"] == "assigned"].groupby("worker")["mono"].max()
+    revoked = kafka[kafka["event"] == "revoked"].groupby("worker")["mono"].max()
+    return len(assigned) >= workers and all(w in assigned and assigned[w] > t for w, t in revoked.items())
+
+
+def join_rebalance_s(events: pd.DataFrame) -> float:
+    """First ``revoked`` to the last ``assigned`` after it, over the Kafka workers' events; NaN if none revoked."""
+    kafka = events[events["backend"] == "kafka"]
+    revoked = kafka.loc[kafka["event"] == "revoked", "mono"]
+    if revoked.empty:
+        return float("nan")
+    assigned = kafka.loc[(kafka["event"] == "assigned") & (kafka["mono"] >= revoked.min()), "mono"]
+    return float(assigned.max() - revoked.min()) if len(assigned) else float("nan")
+
+
 def _kill_each_after_payment(
-    pools: Mapping[str, WorkerPool], client: redis.Redis, config: Config, victim: Mapping[str, Any], timeout: float
+    pools: Mapping[str, WorkerPool],
+    client: redis.Redis,
+    config: Config,
+    victim: Mapping[str, Any],
+    timeout: float,
+    kafka_rebalance_s: float,
 ) -> tuple[dict[str, Kill], list[dict[str, Any]], dict[str, int]]:
     """SIGKILL, on each backend, the worker running ``victim`` as soon as its payment is in Redis.
 
@@ -306,7 +361,7 @@ def _kill_each_after_payment(
             started = mine[(mine["event"] == "started") & (mine["booking_id"] == booking_id)].iloc[0]
             pid = pool.kill(str(started["worker"]))
             mono, ts = time.monotonic(), time.time()
-            rule, window = _rule_at_kill(backend, pool.settings, client, config, started, pending)
+            rule, window = _rule_at_kill(backend, pool.settings, client, config, started, pending, kafka_rebalance_s)
             kills[backend] = Kill(backend, str(started["worker"]), pid, mono, ts, str(started["source"]), rule, window)
             if backend == "kafka":
                 offsets = _committed_offsets(config)
@@ -324,10 +379,15 @@ def _rule_at_kill(
     config: Config,
     started: pd.Series,
     pending: list[dict[str, Any]],
+    kafka_rebalance_s: float,
 ) -> tuple[str, tuple[float, float]]:
     """Read the broker's state right after a kill and say when its rule will hand the booking on.
 
-    Streams' XPENDING rows of the killed consumer are appended to ``pending``.
+    Streams' XPENDING rows of the killed consumer are appended to ``pending``. Kafka's window: the
+    victim's last heartbeat came up to one heartbeat interval before the kill, so its session ends
+    ``session.timeout.ms`` minus up to that after the kill; the survivor learns of it at its own next
+    heartbeat (up to one interval later) and rebalances, which takes what the rebalance before the
+    kill took (``kafka_rebalance_s``).
     """
     if backend == "bullmq":
         job_id = str(started["source"]).removeprefix("job ")
@@ -344,9 +404,10 @@ def _rule_at_kill(
         # A consumer claims only into a free handler slot: at worst one of its bookings must finish first.
         booking_s = 5 * settings.step_ms / 1000
         return "idle for the claim time, then XAUTOCLAIM into a free slot", (due_s, due_s + reclaim_s + booking_s)
-    return "no heartbeat for session.timeout.ms, then a rebalance", (
-        KAFKA_SESSION_TIMEOUT_S - KAFKA_HEARTBEAT_INTERVAL_S,
-        KAFKA_SESSION_TIMEOUT_S,
+    rebalance_s = 0.0 if math.isnan(kafka_rebalance_s) else kafka_rebalance_s
+    return "no heartbeat for session.timeout.ms, then the survivor's next heartbeat and a rebalance", (
+        KAFKA_SESSION_TIMEOUT_S - KAFKA_HEARTBEAT_INTERVAL_S + rebalance_s,
+        KAFKA_SESSION_TIMEOUT_S + KAFKA_HEARTBEAT_INTERVAL_S + rebalance_s,
     )
 
 
@@ -383,11 +444,11 @@ def _wait_until_all_drained(
     pools: Mapping[str, WorkerPool], expected: int, timeout: float, progress: bool
 ) -> dict[str, dict[str, Any]]:
     """Wait until every backend has settled ``expected`` bookings with nothing waiting or in flight."""
-    from tqdm.auto import tqdm
+    from labkit.progress import progress as progress_bar
 
     deadline = time.monotonic() + timeout
     done: dict[str, dict[str, Any]] = {}
-    with tqdm(total=expected * len(pools), desc="settled", unit="booking", disable=not progress) as bar:
+    with progress_bar(total=expected * len(pools), desc="settled", unit="booking", disable=not progress) as bar:
         while len(done) < len(pools):
             settled = 0
             for backend, pool in pools.items():
@@ -496,9 +557,8 @@ def recovery_table(
     started it), ``redelivered_by``, ``survivor_busy`` (bookings that worker was running when the
     window opened, of its ``concurrency`` slots), ``completed_s``, ``same_source`` (the redelivery
     is the same job, entry or offset, not a new message) and ``not_early`` (handed back no earlier
-    than the rule allows). The window's end is only a bound for BullMQ, where a Redis script moves
-    the job back; a Streams claim also needs a free slot, and Kafka's window is the session timeout,
-    which a rebalance follows.
+    than the rule allows) and ``in_window`` (handed back between ``window_from_s`` and ``window_to_s``,
+    allowing for clock slack).
     """
     import pandas as pd
 
@@ -523,9 +583,25 @@ def recovery_table(
                 "completed_s": float(completed["mono"].iloc[0] - kill.mono) if len(completed) else float("nan"),
                 "same_source": bool(len(started)) and set(started["source"]) == {kill.source},
                 "not_early": handed >= kill.window[0] - CLOCK_SLACK_S,
+                "in_window": kill.window[0] - CLOCK_SLACK_S <= handed <= kill.window[1] + CLOCK_SLACK_S,
             }
         )
     return pd.DataFrame(rows).set_index("backend")
+
+
+def recovery_statement(table: pd.DataFrame) -> Statement:
+    """What :func:`recovery_table` says, in one sentence printed from it: each hand-over against its window."""
+    parts, outside = [], []
+    for backend, row in table.iterrows():
+        parts.append(
+            f"{PRODUCTS.get(str(backend), backend)} {{handed_back_{backend}_s}} "
+            f"(window {row['window_from_s']:.1f}–{row['window_to_s']:.1f} s)"
+        )
+        if not row["in_window"]:
+            outside.append(str(backend))
+    verdict = "every dot is inside its box" if not outside else f"outside its box: {', '.join(outside)}"
+    text = f"Handed back after the kill: {'; '.join(parts)}. In this run {verdict}."
+    return say(text, {f"07.handed_back_{b}_s": row["handed_back_s"] for b, row in table.iterrows()})
 
 
 def running_at(events: pd.DataFrame, worker: str, mono: float) -> int:
@@ -613,6 +689,83 @@ def charges_per_booking(
         index=pd.Index(bookings, name="booking_id"),
     )
     return frame[(frame != 1).any(axis=1)]
+
+
+def extra_charges_table(
+    events: pd.DataFrame,
+    effects: Mapping[str, Mapping[str, Mapping[str, int]]],
+    kills: Mapping[str, Kill],
+    victim: str,
+    resent: str,
+    bookings: Sequence[str],
+) -> pd.DataFrame:
+    """Every charge beyond one per booking, per backend, and where it came from.
+
+    With idempotency off a card is charged again by every run that gets past the payment step, so the
+    extra charges are: the victim's (its killed run charged it, the redelivery again), the booking the
+    producer sent twice, and every other booking whose run on the killed worker had charged it and was
+    killed before finishing. A run killed before its payment step charges nothing.
+
+    Columns: ``charges``, ``bookings``, ``extra`` (charges − bookings); ``victim``, ``resent`` and
+    ``others`` (the extra charges of the victim, of the booking sent twice, of every other booking);
+    ``killed_runs`` (runs the killed worker had begun and not finished, the victim's included);
+    ``charged_and_killed`` (of those, other bookings charged twice: their killed run had charged them);
+    ``explained`` (``extra`` = ``victim`` + ``resent`` + ``others``, and ``others`` = ``charged_and_killed``).
+    """
+    import pandas as pd
+
+    rows = []
+    for backend, kill in kills.items():
+        payments = effects[backend].get("payments", {})
+        mine = events[(events["backend"] == backend) & (events["pid"] == kill.pid)]
+        started = set(mine.loc[mine["event"] == "started", "booking_id"])
+        finished = set(mine.loc[mine["event"].isin(["completed", "failed"]), "booking_id"])
+        unfinished = started - finished
+        others = [b for b in bookings if b not in (victim, resent)]
+        extra_others = sum(payments.get(b, 0) - 1 for b in others)
+        charged_and_killed = sum(1 for b in unfinished - {victim, resent} if payments.get(b, 0) == 2)
+        charges = sum(payments.values())
+        extra_victim, extra_resent = payments.get(victim, 0) - 1, payments.get(resent, 0) - 1
+        explained = (
+            charges - len(bookings)
+            == extra_victim + extra_resent + extra_others
+            == (extra_victim + extra_resent + charged_and_killed)
+        )
+        rows.append(
+            {
+                "backend": backend,
+                "charges": charges,
+                "bookings": len(bookings),
+                "extra": charges - len(bookings),
+                "victim": extra_victim,
+                "resent": extra_resent,
+                "others": extra_others,
+                "killed_runs": len(unfinished),
+                "charged_and_killed": charged_and_killed,
+                "explained": explained,
+            }
+        )
+    return pd.DataFrame(rows).set_index("backend")
+
+
+def explain_extra_charges(table: pd.DataFrame) -> Statement:
+    """:func:`extra_charges_table` in words, one sentence per backend, printed from it."""
+    lines = []
+    for backend, row in table.iterrows():
+        others = int(row["charged_and_killed"])
+        also = (
+            "no other booking: the killed worker's other runs had not reached the payment step"
+            if not others
+            else f"{others} other booking{'s' if others > 1 else ''} the killed worker had charged and not finished"
+        )
+        lines.append(
+            f"- **{PRODUCTS.get(str(backend), backend)}**: {int(row['charges'])} charges for "
+            f"{int(row['bookings'])} bookings, "
+            f"{int(row['extra'])} extra: {int(row['victim'])} for the victim, {int(row['resent'])} for the booking "
+            f"sent twice, and {also} (it was in the middle of {int(row['killed_runs'])} run"
+            f"{'s' if row['killed_runs'] != 1 else ''} when it died)."
+        )
+    return say("\n".join(lines))
 
 
 def claimed_by_survivor(pending: pd.DataFrame, dead: str) -> bool:
@@ -728,7 +881,8 @@ def max_poll_table(events: pd.DataFrame, slow_worker: str, max_poll_interval_ms:
     Columns: ``booking_id``, ``left_after_s`` (from the booking's start to ``left_group``),
     ``over_limit`` (at least ``max.poll.interval.ms``), ``redelivered_to``, ``redelivered_s``,
     ``slow_finished_s`` (the slow handler still finished: its run counts as done or duplicate),
-    ``rejoined_s`` (from ``left_group`` to ``rejoining``). Times count from the booking's start.
+    ``rejoined_s`` (the slow worker's ``rejoining`` event, once that handler returned). Every time counts
+    from the booking's start on the slow worker.
     """
     import pandas as pd
 
@@ -755,7 +909,7 @@ def max_poll_table(events: pd.DataFrame, slow_worker: str, max_poll_interval_ms:
                 "redelivered_to": str(again["worker"].iloc[0]) if len(again) else None,
                 "redelivered_s": float(again["mono"].iloc[0] - t0) if len(again) else float("nan"),
                 "slow_finished_s": float(slow_done["mono"].iloc[0] - t0) if len(slow_done) else float("nan"),
-                "rejoined_s": float(rejoin["mono"].iloc[0] - left["mono"]) if len(rejoin) else float("nan"),
+                "rejoined_s": float(rejoin["mono"].iloc[0] - t0) if len(rejoin) else float("nan"),
             }
         )
     columns = ["booking_id", "left_after_s", "over_limit", "redelivered_to", "redelivered_s", "slow_finished_s"]
@@ -881,9 +1035,12 @@ __all__ = [
     "crash_settings",
     "duplicate_table",
     "effects_chart",
+    "explain_extra_charges",
     "effects_table",
     "exceed_max_poll",
+    "extra_charges_table",
     "handed_back_at",
+    "join_rebalance_s",
     "kill_after_payment",
     "max_poll_chart",
     "max_poll_table",
@@ -891,6 +1048,7 @@ __all__ = [
     "recovery_chart",
     "charges_per_booking",
     "claimed_by_survivor",
+    "recovery_statement",
     "recovery_table",
     "replayed_from_commit",
     "running_at",

@@ -1,7 +1,7 @@
 """Dead-letter queues: what ends there and why, how to fix and replay it, and the books that must balance (lesson 04).
 
 Every backend sends a message that can never succeed to its dead-letter destination with
-a reason: a bad message (not JSON, a CONTRACT.md rule broken) at once, a poison booking
+a reason: a bad message (not JSON, a rule of docs/contract.md broken) at once, a poison booking
 after ``max_attempts``. This module reads the three destinations into one DataFrame,
 applies the fixes a support engineer would (drop the fault, correct the guests, swap
 backwards dates), replays the fixed bookings into the work destination, and reconciles
@@ -22,9 +22,11 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from labkit.booking import encode, parse_booking
+from labkit.charts import PRODUCTS
 from labkit.config import Config, check_backend
 from labkit.errors import BadMessage, BrokerUnavailable
 from labkit.lab import dead_letters, produce, run
+from labkit.lessons.figures import Statement, say
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,7 +55,7 @@ def booking(booking_id: str, **fields: Any) -> dict[str, Any]:
 
 
 def bad_messages(prefix: str = "bad") -> dict[str, str | dict[str, Any]]:
-    """One message for each way a producer can break CONTRACT.md, by what is wrong with it.
+    """One message for each way a producer can break the contract (docs/contract.md), by what is wrong with it.
 
     Two can be fixed without asking anyone (guests sent as text, dates swapped); the torn
     JSON and the 12 guests cannot: only the producer (or the guest) knows what was meant.
@@ -171,7 +173,7 @@ def with_deliveries(dlq: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
 
 
 def fix_booking(text: str) -> tuple[dict[str, Any] | None, str]:
-    """The fixes a support engineer may apply without asking anyone, checked against CONTRACT.md.
+    """The fixes a support engineer may apply without asking anyone, checked against docs/contract.md.
 
     Drops the ``fault`` directive (the poison's cause, once the card issue is solved),
     turns ``guests`` sent as a digit string into a number, and swaps ``check_in`` and
@@ -222,7 +224,7 @@ def replay(backend: str, config: Config, fixed: pd.DataFrame) -> pd.DataFrame:
     """Send the fixed dead letters of ``backend`` back to its work destination.
 
     Each booking keeps its ``booking_id`` (so the ledger sees the same booking finish) and
-    gains a ``replayed_from`` field naming its dead letter's source: CONTRACT.md keeps and
+    gains a ``replayed_from`` field naming its dead letter's source: the contract keeps and
     ignores unknown fields, so the trail costs nothing.
 
     Args:
@@ -276,6 +278,21 @@ def reconcile(config: Config, produced: Mapping[str, int]) -> pd.DataFrame:
     return frame
 
 
+def reconciliation_statement(before: pd.DataFrame, after: pd.DataFrame) -> Statement:
+    """Both reconciliations in words, one per backend, printed from :func:`reconcile`'s tables."""
+    lines, measured = [], {}
+    for backend in before.index:
+        b, a = before.loc[backend], after.loc[backend]
+        words = (
+            f"{int(b['produced'])} sent = {int(b['completed'])} completed + {int(b['dead_lettered'])} dead-lettered, "
+            f"then {int(a['completed'])} + {int(a['dead_lettered'])} after replaying {int(a['replayed'])}"
+        )
+        measured[f"04.reconciled_{backend}"] = words
+        lost = int(b["lost"]) + int(a["lost"])
+        lines.append(f"- {PRODUCTS.get(str(backend), backend)}: {{reconciled_{backend}}}; lost: {lost}.")
+    return say("\n".join(lines), measured)
+
+
 def replay_outcomes(events: pd.DataFrame, replayed: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Did every replayed booking complete, and on which attempt?
 
@@ -304,7 +321,7 @@ def kafka_offsets_for_time(config: Config, topic: str, when: float) -> pd.DataFr
 
     This is the call behind "replay everything dead-lettered since 9:00". Apache Kafka
     answers the first record's offset at or after the time, or -1 (the end) when there is
-    none; the embedded broker answers 0 for every timestamp (EMBEDDED-KAFKA.md), which would
+    none; the embedded broker answers 0 for every timestamp (docs/embedded-kafka.md), which would
     replay the whole topic. Replay by offset there.
 
     Args:
@@ -332,6 +349,14 @@ def kafka_offsets_for_time(config: Config, topic: str, when: float) -> pd.DataFr
     return pd.DataFrame(
         [{"partition": f"{a.topic}/{a.partition}", "asked_for": stamp, "offset": a.offset} for a in answers]
     )
+
+
+def answered_offsets(answers: pd.DataFrame) -> str:
+    """:func:`kafka_offsets_for_time`'s answer in a few words: ``-1 on every partition``, or each partition's."""
+    offsets = [int(o) for o in answers["offset"]]
+    if len(set(offsets)) == 1:
+        return f"{offsets[0]} on every partition"
+    return ", ".join(f"{p}: {o}" for p, o in zip(answers["partition"], offsets, strict=True))
 
 
 def plot_reconciliation(tables: Mapping[str, pd.DataFrame], ax: Axes | None = None) -> Axes:

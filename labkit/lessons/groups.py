@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.backends import get_backend
 from labkit.booking import BookingGenerator
-from labkit.config import Config
+from labkit.charts import PRODUCTS
+from labkit.config import BACKENDS, Config
 from labkit.events import load_run
 from labkit.lab import loop_thread, reset
+from labkit.lessons.figures import Statement, say
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
@@ -381,7 +383,8 @@ def join_and_leave(
         drain_timeout: seconds each backend may take to finish after production ends.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    from labkit.progress import progress as progress_bar
 
     for backend in backends:
         reset(backend, config)
@@ -404,7 +407,7 @@ def join_and_leave(
             for b in backends
         ]
         moments += [{"backend": b, "action": "start", "mono": start, "workers": workers} for b in backends]
-        with tqdm(total=int(rate * 3 * phase_s) * len(backends), desc="bookings sent", unit="booking") as bar:
+        with progress_bar(total=int(rate * 3 * phase_s) * len(backends), desc="bookings sent", unit="booking") as bar:
 
             def wait(until: float, ready: Callable[[pd.DataFrame], bool]) -> None:
                 """Until ``until`` has passed and ``ready(events)`` holds (at most settle_timeout longer)."""
@@ -486,6 +489,18 @@ def pauses(run: JoinLeave) -> pd.DataFrame:
             row["Kafka rebalance after leave"] = rebalance_seconds(mine, leave, finish)
         rows.append(row)
     return pd.DataFrame(rows).set_index("backend").round(2)
+
+
+def pauses_statement(table: pd.DataFrame) -> Statement:
+    """:func:`pauses` in one sentence printed from it: the longest pause after the join, and Kafka's rebalance."""
+    keys = {backend: f"02.join_pause_{backend}_s" for backend in table.index if backend in BACKENDS}
+    said = ", ".join(f"{PRODUCTS[b]} {{join_pause_{b}_s}}" for b in keys)
+    measured: dict[str, Any] = {key: table.loc[b, "longest pause after join"] for b, key in keys.items()}
+    text = f"Longest stretch without a completed booking after the join: {said}."
+    if "kafka" in table.index:
+        measured["02.join_rebalance_s"] = table.loc["kafka", "Kafka rebalance after join"]
+        text += " Kafka's rebalance itself took {join_rebalance_s}."
+    return say(text, measured)
 
 
 def _newcomer(events: pd.DataFrame, join: float) -> str | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from labkit.booking import BookingGenerator
 from labkit.config import Config
 from labkit.errors import LabkitError
 from labkit.lab import produce, reset
+from labkit.lessons.figures import Statement, say
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
@@ -160,9 +161,9 @@ def wait_until_processed(pool: WorkerPool, messages: int, timeout: float = 120, 
     ``lk.stats`` cannot tell: the lab's ledger counts completions per booking_id, so the
     second and third events of a booking count there as duplicates, not as bookings.
     """
-    from tqdm.auto import tqdm
+    from labkit.progress import progress as progress_bar
 
-    bar = tqdm(total=messages, desc=f"{pool.backend} events processed", unit="event", disable=not progress)
+    bar = progress_bar(total=messages, desc=f"{pool.backend} events processed", unit="event", disable=not progress)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -320,6 +321,29 @@ def violations(report: pd.DataFrame, config: str, group: str = NO_RETRY) -> int:
     """Violating pairs of one configuration and group (0 when the group had no bookings)."""
     key = (config, group)
     return int(report.loc[key, "violations"]) if key in report.index else 0
+
+
+def violated_bookings(report: pd.DataFrame, config: str, group: str = NO_RETRY) -> int:
+    """Bookings of one configuration and group with at least one violation (0 when the group had none)."""
+    key = (config, group)
+    return int(report.loc[key, "bookings_violated"]) if key in report.index else 0
+
+
+def report_statement(report: pd.DataFrame, parallel: Mapping[str, str]) -> Statement:
+    """How many bookings never retried each parallel configuration broke, printed from :func:`order_report`.
+
+    Args:
+        parallel: figure key suffix -> configuration label, e.g. ``{"streams_3": "Streams, 3 consumers"}``.
+    """
+    unretried = report.xs(NO_RETRY, level="group")["bookings"]
+    total = int(unretried.max()) if len(unretried) else 0
+    measured: dict[str, Any] = {"05.unretried_bookings": total}
+    parts = []
+    for suffix, label in parallel.items():
+        measured[f"05.out_of_order_{suffix}"] = violated_bookings(report, label)
+        parts.append(f"{label}: {{out_of_order_{suffix}}}")
+    text = "Bookings never retried whose order was broken, of {unretried_bookings}: " + "; ".join(parts) + "."
+    return say(text, measured)
 
 
 def example_booking(events: pd.DataFrame, config: str, retried: bool) -> str:

@@ -21,10 +21,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from labkit.backends.streams import MIN_CLAIM_IDLE_MS
+from labkit.backends.streams import MAX_RECLAIM_EVERY_S, MIN_CLAIM_IDLE_MS
 from labkit.booking import BookingGenerator, encode
+from labkit.charts import PRODUCTS
 from labkit.config import Config
 from labkit.lab import with_backend
+from labkit.lessons.figures import Statement, say
 from labkit.workflow import WorkerSettings
 
 if TYPE_CHECKING:
@@ -192,6 +194,47 @@ def gap_table(gaps: pd.DataFrame) -> pd.DataFrame:
     return table.round(1)
 
 
+def median_extra_ms(gaps: pd.DataFrame, backend: str) -> float:
+    """The median of ``backend``'s retry gaps minus the configured ones (:func:`measured_gaps`), in ms."""
+    mine = gaps[gaps["backend"] == backend]
+    return float((mine["gap_ms"] - mine["configured_ms"]).median())
+
+
+def gaps_statement(gaps: pd.DataFrame, settings: WorkerSettings) -> Statement:
+    """How much later than configured each backend retried, printed from :func:`measured_gaps`.
+
+    For Streams it also sets the longest overshoot against the reclaimer's period: a retry waits for the
+    entry to be idle for min-idle, then for the reclaimer's next look (every ``min(min-idle / 2, 0.5 s)``),
+    then for the claim and the start of the attempt.
+    """
+    backends = list(dict.fromkeys(gaps["backend"]))
+    measured: dict[str, Any] = {f"03.retry_extra_ms_{b}": median_extra_ms(gaps, b) for b in backends}
+    said = ", ".join(f"{PRODUCTS.get(str(b), b)} {{retry_extra_ms_{b}}}" for b in backends)
+    text = f"The median retry came this much later than configured: {said}."
+    if "streams" in backends:
+        streams = gaps[gaps["backend"] == "streams"].groupby("retry", sort=False)["gap_ms"].median()
+        per_retry = ", ".join(f"{retry} {gap:.0f} ms" for retry, gap in streams.items())
+        text += f" Streams' median gaps per retry: {per_retry}, for one configured min-idle."
+        min_idle_ms = max(settings.backoff_ms, MIN_CLAIM_IDLE_MS)
+        period_ms = min(min_idle_ms / 2, MAX_RECLAIM_EVERY_S * 1000)
+        mine = gaps[gaps["backend"] == "streams"]
+        worst = float((mine["gap_ms"] - mine["configured_ms"]).max())
+        measured["03.streams_overshoot_max_ms"] = worst
+        rest = worst - period_ms
+        tail = (
+            f"{rest:.1f} ms more than one period: the time to write the retry down, then to claim the entry "
+            "and start the attempt"
+            if rest > 0
+            else "within one period"
+        )
+        text += (
+            f" The Streams reclaimer looks every {period_ms:.0f} ms (half the min-idle of {min_idle_ms} ms, at most "
+            f"{MAX_RECLAIM_EVERY_S * 1000:.0f} ms); its longest overshoot here was {{streams_overshoot_max_ms}}, "
+            f"{tail}."
+        )
+    return say(text, measured)
+
+
 def attempt_summary(timeline: pd.DataFrame, transient: set[str]) -> pd.DataFrame:
     """Per backend: how the transient and the steady bookings ended, and on which attempt.
 
@@ -342,7 +385,8 @@ def plot_attempts(timeline: pd.DataFrame, ax: Axes | None = None, max_bookings: 
 
     Args:
         timeline: from :func:`attempt_timeline`.
-        max_bookings: retried bookings shown per backend (the first by booking_id).
+        max_bookings: retried bookings shown per backend (the first by booking_id); the title says how many of
+            how many each backend shows, and the legend lists only the outcomes that occur.
     """
     import matplotlib.pyplot as plt
     from matplotlib.artist import Artist
@@ -351,8 +395,11 @@ def plot_attempts(timeline: pd.DataFrame, ax: Axes | None = None, max_bookings: 
 
     retried = timeline[timeline.groupby(["backend", "booking_id"])["attempt"].transform("max") > 1]
     rows: list[tuple[str, str]] = []
+    shown = []
     for backend, frame in retried.groupby("backend", sort=False):
-        rows += [(str(backend), str(b)) for b in sorted(frame["booking_id"].unique())[:max_bookings]]
+        ids = sorted(frame["booking_id"].unique())
+        rows += [(str(backend), str(b)) for b in ids[:max_bookings]]
+        shown.append(f"{backend} {min(len(ids), max_bookings)} of {len(ids)}")
     if ax is None:
         _, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.6))
     labels = []
@@ -373,8 +420,14 @@ def plot_attempts(timeline: pd.DataFrame, ax: Axes | None = None, max_bookings: 
     ax.set_xlim(left=-0.03 * max(float(retried["t_start"].max()), 0.1))
     ax.set_ylim(len(rows) - 0.5, -0.7)
     ax.set_xlabel("seconds since the booking's first attempt")
-    ax.set_title("Attempts of the retried bookings (numbers: attempt), and the configured backoff after each failure")
-    handles: list[Artist] = [Line2D([], [], marker="o", ls="", color=c, label=o) for o, c in OUTCOME_COLOURS.items()]
+    ax.set_title(
+        "Attempts of the retried bookings (numbers: attempt) and the configured backoff after each failure\n"
+        f"retried bookings shown: {', '.join(shown)}"
+    )
+    seen = set(retried["outcome"])
+    handles: list[Artist] = [
+        Line2D([], [], marker="o", ls="", color=c, label=o) for o, c in OUTCOME_COLOURS.items() if o in seen
+    ]
     handles.append(Patch(color=BACKOFF_COLOUR, label="configured backoff"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return ax

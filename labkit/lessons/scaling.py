@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labkit.booking import BookingGenerator
-from labkit.charts import backend_color
+from labkit.charts import PRODUCTS, backend_color
 from labkit.config import Config
 from labkit.errors import LabkitError
 from labkit.lab import produce, with_backend
+from labkit.lessons.figures import Statement, say
 from labkit.lessons.groups import assignment_table, wait_for_assignment
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 #: Seconds between two stats samples while a backlog drains (a Kafka stats call takes ~50 ms).
 SAMPLE_EVERY_S = 0.1
-#: Kafka partitions of the work topic unless the settings' ``partitions`` option says otherwise (CONTRACT.md).
+#: Kafka partitions of the work topic unless the settings' ``partitions`` option says otherwise (docs/contract.md).
 KAFKA_PARTITIONS = 3
 RESULT_COLUMNS = [
     "backend", "workers", "bookings", "seconds", "throughput", "booking ms", "CPU busy %", "busy workers",
@@ -207,12 +208,13 @@ def run_scaling(
 ) -> Scaling:
     """Measure every backend at every worker count (see :func:`measure`), with a tqdm bar over the runs."""
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    from labkit.progress import progress as progress_bar
 
     rows, samples = [], []
     assignments: dict[int, pd.DataFrame] = {}  # Kafka runs by worker count
     runs = list(itertools.product(backends, worker_counts))
-    with tqdm(runs, desc=f"{name} runs", unit="run") as bar:
+    with progress_bar(runs, desc=f"{name} runs", unit="run") as bar:
         for backend, workers in bar:
             bar.set_postfix_str(f"{backend}, {workers} worker(s)")
             tag = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{name}-{workers}")  # booking ids allow only these
@@ -269,6 +271,62 @@ def cpu_worker_counts(cores: int | None = None) -> list[int]:
     """1, one per core, and two per core: the counts that show where CPU-bound work stops scaling."""
     cores = cores or cpu_cores()
     return sorted({1, cores, 2 * cores})
+
+
+def scaling_statement(results: pd.DataFrame, step_ms: float) -> Statement:
+    """Per backend, from its fewest to its most workers: the speedup, the machine's CPU busy and the booking time.
+
+    Printed from :func:`run_scaling`'s results, so the lesson's account of why the bars fall short of
+    perfect scaling is this run's numbers, not a memory of another run's.
+    """
+    lines, measured = [], {}
+    for backend, mine in results.groupby("backend", sort=False):
+        mine = mine.sort_values("workers")
+        first, last = mine.iloc[0], mine.iloc[-1]
+        key = f"06.speedup_{backend}"
+        measured[key] = float(last["throughput"] / first["throughput"])
+        lines.append(
+            f"- {PRODUCTS.get(str(backend), backend)}: {int(first['workers'])} → {int(last['workers'])} workers gave "
+            f"{{speedup_{backend}}} the throughput (perfect: {last['workers'] / first['workers']:.0f}x); the "
+            f"machine's CPU was {first['CPU busy %']:.1f} % → {last['CPU busy %']:.1f} % busy, and a booking took "
+            f"{first['booking ms']:.1f} → {last['booking ms']:.1f} ms, of which {5 * step_ms:g} ms is waiting."
+        )
+    return say("\n".join(lines), measured)
+
+
+def steps_statement(results: pd.DataFrame) -> Statement:
+    """Per backend, the throughput each step up in the worker count gave, printed from :func:`run_scaling`."""
+    lines = []
+    for backend, mine in results.groupby("backend", sort=False):
+        mine = mine.sort_values("workers")
+        steps = [
+            f"{int(a['workers'])} → {int(b['workers'])}: {b['throughput'] / a['throughput']:.2f}x"
+            for (_, a), (_, b) in zip(mine.iterrows(), mine.iloc[1:].iterrows(), strict=False)
+        ]
+        lines.append(f"- {PRODUCTS.get(str(backend), backend)}: {'; '.join(steps)}.")
+    return say("\n".join(lines))
+
+
+def kafka_pair_statement(results: pd.DataFrame, assignments: pd.DataFrame) -> Statement:
+    """What the 2-worker Kafka run did: the busier worker's partitions and share, and the pair's speedup."""
+    if 2 not in set(results.loc[results["backend"] == "kafka", "workers"]) or assignments.empty:
+        return say("No Kafka run with 2 workers here: add 2 to `WORKER_COUNTS` to see one.")
+    pair = assignments.loc[2]
+    busiest = pair["bookings"].idxmax()
+    share = pair.loc[busiest, "bookings"] / pair["bookings"].sum() * 100
+    fewest = int(results.loc[results["backend"] == "kafka", "workers"].min())
+    speedup = ratio(results, "kafka", 2, fewest)
+    return say(
+        f"With 2 Kafka workers, {busiest} owned {len(pair.loc[busiest, 'partitions'])} of the "
+        f"{kafka_partitions_of(results)} partitions and completed {share:.0f} % of the bookings; the pair was "
+        f"{speedup:.2f}x as fast as {fewest} worker{'s' if fewest > 1 else ''}."
+    )
+
+
+def kafka_partitions_of(results: pd.DataFrame) -> int:
+    """The partition count of the Kafka runs in ``results``."""
+    partitions = results.loc[results["backend"] == "kafka", "partitions"].dropna()
+    return int(partitions.iloc[0]) if len(partitions) else KAFKA_PARTITIONS
 
 
 # -- charts -----------------------------------------------------------------------------------------

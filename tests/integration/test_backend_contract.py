@@ -74,7 +74,7 @@ def booking(booking_id: str, **fields: Any) -> dict[str, Any]:
 
 
 class BackendContract:
-    """What every backend must do, however it does it (CONTRACT.md and the Backend ABC)."""
+    """What every backend must do, however it does it (docs/contract.md and the Backend ABC)."""
 
     backend: ClassVar[str]
     #: Backend tuning so that crash recovery takes seconds, not the production defaults' minutes.

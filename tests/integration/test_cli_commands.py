@@ -1,4 +1,4 @@
-"""CONTRACT.md's data commands as a learner types them: produce, worker, stats, reset — and their failure lines."""
+"""docs/contract.md's data commands as a learner types them: produce, worker, stats, reset — and their failure lines."""
 
 from __future__ import annotations
 

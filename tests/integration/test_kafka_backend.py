@@ -48,7 +48,7 @@ def bookings(count: int, seed: int = 7, **fault: Any) -> list[dict[str, Any]]:
 
 
 def java_partition(key: str, partitions: int = PARTITIONS) -> int:
-    """Where the Java client (and kafka-python) puts ``key``: murmur2, as CONTRACT.md's keyed topic implies."""
+    """Where the Java client (and kafka-python) puts ``key``: murmur2, as docs/contract.md's keyed topic implies."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
@@ -144,7 +144,7 @@ def test_lag_counts_every_record_of_multi_record_batches(lab_config: Config, tmp
             assert depths["in_flight"] == 0
 
             # What naive lag would use: ListOffsets(latest). Kafka says 30; the embedded broker says the
-            # base offset of the newest batch + 1 = 21 (EMBEDDED-KAFKA.md). The backend must not depend on it.
+            # base offset of the newest batch + 1 = 21 (docs/embedded-kafka.md). The backend must not depend on it.
             probe = Consumer({"bootstrap.servers": lab_config.kafka_bootstrap, "group.id": "naive-lag"})
             try:
                 _, list_offsets_end = probe.get_watermark_offsets(TopicPartition(topic, partition), 5, cached=False)

@@ -31,11 +31,11 @@ def test_same_key_same_partition() -> None:
 
 def test_offsets_follow_send_order_per_partition() -> None:
     reports = pd.DataFrame({"i": [0, 1, 2, 3], "partition": [0, 1, 0, 1], "offset": [10, 4, 11, 5]})
-    assert anatomy.offsets_follow_send_order(reports)
+    assert anatomy.offsets_follow_send_order(reports) is True
     swapped = reports.assign(offset=[11, 4, 10, 5])  # the second record of partition 0 was stored first
-    assert not anatomy.offsets_follow_send_order(swapped)
+    assert anatomy.offsets_follow_send_order(swapped) is False
     unknown = reports.assign(offset=[None, 4, 11, 5])  # acks=0: no offset to judge by
-    assert not anatomy.offsets_follow_send_order(unknown)
+    assert anatomy.offsets_follow_send_order(unknown) is None
 
 
 def test_speedup_is_largest_batch_over_smallest() -> None:

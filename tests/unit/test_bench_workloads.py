@@ -67,7 +67,7 @@ def test_messages_are_valid_bookings_of_the_asked_size_and_key_cardinality() -> 
     factory = bench.MessageFactory(workload)
     messages = [factory.booking(n, 1_800_000_000.123457 + n / 1000) for n in range(70)]
     for message in messages:
-        parse_booking(json.dumps(message))  # CONTRACT.md: any consumer could take these
+        parse_booking(json.dumps(message))  # docs/contract.md: any consumer could take these
         assert abs(len(json.dumps(message, separators=(",", ":"))) - 512) <= 16
     assert len({m["booking_id"] for m in messages}) == 7
     by_key = [m["seq"] for m in messages if m["booking_id"] == messages[3]["booking_id"]]

@@ -1,4 +1,4 @@
-"""The booking message rules of CONTRACT.md, checked without any server."""
+"""The booking message rules of docs/contract.md, checked without any server."""
 
 from __future__ import annotations
 

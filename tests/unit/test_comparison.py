@@ -9,7 +9,7 @@ import pytest
 
 from labkit import bench, latency
 from labkit.bench import BenchResult
-from labkit.lessons import comparison
+from labkit.lessons import comparison, figures
 
 SERVERS = {"redis": "Valkey 9.1.2", "kafka": "Tansu 0.6.0-510f3e2 (embedded, memory only)"}
 BACKENDS = ["bullmq", "streams", "kafka"]
@@ -144,15 +144,41 @@ def test_recovery_table() -> None:
 # -- side by side ----------------------------------------------------------------------------------------
 
 
+#: Figures as a recorded run of lessons 02-07 holds them (labkit.lessons.figures.lesson_figures).
+LESSONS = {
+    "03.retry_extra_ms_bullmq": 38.0, "03.retry_extra_ms_streams": 231.0, "03.retry_extra_ms_kafka": 106.0,
+    "04.reconciled_kafka": "48 sent = 40 completed + 8 dead-lettered, then 45 + 3 after replaying 5",
+    "05.unretried_bookings": 27, "05.out_of_order_bullmq_8": 27, "05.out_of_order_streams_3": 27,
+    "05.out_of_order_kafka_3": 0, "06.speedup_bullmq": 5.7, "06.speedup_streams": 6.1, "06.speedup_kafka": 2.7,
+    "02.join_pause_bullmq_s": 0.1, "02.join_pause_streams_s": 0.1, "02.join_pause_kafka_s": 3.1,
+    "07.handed_back_bullmq_s": 5.8, "07.handed_back_streams_s": 2.4, "07.handed_back_kafka_s": 9.9,
+}  # fmt: skip
+
+
 def test_feature_matrix_has_the_lessons_features_for_the_three_products() -> None:
-    table = comparison.feature_matrix()
+    table = comparison.feature_matrix(lessons=LESSONS)
     assert list(table.columns) == ["BullMQ", "Redis Streams", "Kafka"]
     for feature in ("retries", "delays", "DLQ", "ordering", "replay", "retention", "consumer groups", "priorities"):
         assert table.loc[feature].str.len().gt(10).all(), feature
-    assert "538" in table.loc["retries", "BullMQ"] and "1027" in table.loc["retries", "BullMQ"]
+    assert "came 38.0 ms after" in table.loc["retries", "BullMQ"]
     assert "0 of 27" in table.loc["ordering", "Kafka"] and "27 of 27" in table.loc["ordering", "Redis Streams"]
-    assert "1.4-2.4 s" in table.loc["crash redelivery", "Redis Streams"]
+    assert "after 2.4 s" in table.loc["crash redelivery", "Redis Streams"]
+    assert "48 sent = 40 completed + 8 dead-lettered" in table.loc["DLQ", "Kafka"]
     assert not any("this run" in feature for feature in table.index)
+    assert "{" not in "".join(table.to_numpy().ravel()), "every figure of the recorded run is filled in"
+
+
+def test_feature_matrix_says_which_lesson_figures_are_not_recorded() -> None:
+    table = comparison.feature_matrix(lessons={"05.out_of_order_kafka_3": 0})
+    assert table.loc["DLQ", "BullMQ"].endswith(comparison.NOT_RECORDED)
+    assert "05: 0 of " + comparison.NOT_RECORDED in table.loc["ordering", "Kafka"]
+
+
+def test_every_figure_of_the_feature_matrix_is_one_a_lesson_records() -> None:
+    keys = {k for row in comparison.LESSON_FEATURES.values() for text in row.values()
+            for k in comparison._PLACEHOLDER.findall(text)}  # fmt: skip
+    keys |= {k for spec in comparison.LESSON_FIGURES.values() for k in spec["values"].values()}
+    assert keys and keys <= set(figures.FIGURES)
 
 
 def test_feature_matrix_adds_this_runs_figures() -> None:
@@ -201,13 +227,14 @@ def test_when_to_choose_says_when_runs_cannot_tell_backends_apart() -> None:
 
 
 def test_when_to_choose_ranks_the_lessons_figures() -> None:
-    table = comparison.when_to_choose()
+    table = comparison.when_to_choose(lessons=LESSONS)
     assert table.loc["the fastest hand-over of a crashed worker's message", "choose"] == "Redis Streams"
     assert table.loc["per-booking order with several consumers in parallel", "choose"] == "Kafka"
     assert table.loc["workers that join and leave without stopping the others", "choose"] == "BullMQ or Redis Streams"
     scaling = table.loc["more throughput from more worker processes (I/O-bound work)", "choose"]
     assert scaling == "Redis Streams or BullMQ (too close to tell apart)"
-    assert "Redis Streams 1.4-2.4 s" in table.loc["the fastest hand-over of a crashed worker's message", "measured"]
+    assert "Redis Streams 2.4 s" in table.loc["the fastest hand-over of a crashed worker's message", "measured"]
+    assert comparison.when_to_choose(lessons={}).empty, "no recorded figures, no rows from them"
 
 
 # -- checks ------------------------------------------------------------------------------------------------

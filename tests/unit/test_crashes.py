@@ -75,6 +75,58 @@ def test_recovery_table_times_each_step_from_the_kill() -> None:
     assert row["survivor_busy"] == 1
 
 
+def test_recovery_table_says_whether_the_hand_over_came_inside_its_window() -> None:
+    inside = crashes.recovery_table(STREAMS, {"streams": kill("streams", "entry 1-0", (1.3, 3.3))}, "victim",
+                                    {"streams": 102.4})  # fmt: skip
+    late = crashes.recovery_table(STREAMS, {"streams": kill("streams", "entry 1-0", (1.0, 2.0))}, "victim",
+                                  {"streams": 102.4})  # fmt: skip
+    assert inside.loc["streams", "in_window"] and not late.loc["streams", "in_window"]
+    said = crashes.recovery_statement(pd.concat([inside, late.rename(index={"streams": "kafka"})]))
+    assert said.text.startswith("Handed back after the kill: Redis Streams 2.4 s (window 1.3–3.3 s)")
+    assert said.text.endswith("In this run outside its box: kafka.")
+    assert said.figures == {
+        "07.handed_back_streams_s": pytest.approx(2.4),
+        "07.handed_back_kafka_s": pytest.approx(2.4),
+    }
+
+
+def test_kafkas_window_is_the_session_timeout_give_or_take_a_heartbeat_plus_the_measured_rebalance() -> None:
+    settings = crashes.crash_settings("kafka", True, 300, 5000, 2000, 1500)
+    rule, window = crashes._rule_at_kill("kafka", settings, None, None, pd.Series(), [], 3.0)  # type: ignore[arg-type]
+    session, heartbeat = crashes.KAFKA_SESSION_TIMEOUT_S, crashes.KAFKA_HEARTBEAT_INTERVAL_S
+    assert window == (session - heartbeat + 3.0, session + heartbeat + 3.0) and "rebalance" in rule
+    # KAFKA: the victim's partition came back 9.9 s after the kill; a 3 s rebalance puts it inside (7, 11)
+    assert window[0] <= 9.9 <= window[1]
+
+
+def test_join_rebalance_is_first_revoked_to_last_assigned() -> None:
+    joined = frame(
+        event("assigned", 1.0, "kafka-w1", partitions=["t/0", "t/1", "t/2"]),
+        event("revoked", 3.0, "kafka-w1", partitions=["t/0", "t/1", "t/2"]),
+        event("assigned", 6.0, "kafka-w2", partitions=["t/2"]),
+        event("assigned", 6.1, "kafka-w1", partitions=["t/0", "t/1"]),
+    )
+    assert crashes.join_rebalance_s(joined) == pytest.approx(3.1)
+    assert pd.isna(crashes.join_rebalance_s(joined[joined["event"] != "revoked"]))
+
+
+def test_extra_charges_name_where_every_charge_beyond_one_came_from() -> None:
+    bookings = ["victim", "other", "b3", "b4"]
+    kills = {"streams": kill("streams", "entry 1-0", (1.3, 3.3))}
+    # w1 (killed) charged victim and "other" before dying; b4 was sent twice.
+    payments = {"victim": 2, "other": 2, "b3": 1, "b4": 2}
+    table = crashes.extra_charges_table(STREAMS, {"streams": {"payments": payments}}, kills, "victim", "b4", bookings)
+    row = table.loc["streams"]
+    assert (row["charges"], row["extra"], row["victim"], row["resent"], row["others"]) == (7, 3, 1, 1, 1)
+    assert row["killed_runs"] == 2 and row["charged_and_killed"] == 1 and row["explained"]
+    words = crashes.explain_extra_charges(table).text
+    assert "7 charges for 4 bookings, 3 extra" in words and "1 other booking the killed worker had charged" in words
+    # a charge nothing explains: b3 charged twice, though it never ran on the killed worker
+    double = {**payments, "b3": 2}
+    assert not crashes.extra_charges_table(STREAMS, {"streams": {"payments": double}}, kills, "victim", "b4",
+                                           bookings).loc["streams", "explained"]  # fmt: skip
+
+
 def test_recovery_table_flags_an_early_hand_over_and_a_missing_redelivery() -> None:
     kills = {"streams": kill("streams", "entry 1-0", (3.0, 3.3))}
     early = crashes.recovery_table(STREAMS, kills, "victim", {"streams": 102.4}).loc["streams"]
@@ -202,7 +254,8 @@ def test_max_poll_table_follows_the_booking_that_outran_the_limit() -> None:
     assert row["left_after_s"] == pytest.approx(6.05)
     assert row["redelivered_s"] == pytest.approx(10.0)
     assert row["slow_finished_s"] == pytest.approx(12.0)
-    assert row["rejoined_s"] == pytest.approx(6.05)
+    # every column counts from the slow booking's start: it rejoined after its handler returned
+    assert row["rejoined_s"] == pytest.approx(12.1) and row["rejoined_s"] > row["slow_finished_s"]
 
 
 def test_max_poll_table_flags_a_group_exit_before_the_limit_and_is_empty_without_one() -> None:
@@ -232,3 +285,12 @@ def test_charts_draw_on_the_given_axes() -> None:
     assert crashes.effects_chart({"off": effects}, ax=axes[1]) is axes[1]
     assert crashes.max_poll_chart(MAX_POLL, "kafka-w1", 6000, ax=axes[2]) is axes[2]
     plt.close("all")
+
+
+def test_the_second_join_counts_as_done_once_every_revoking_member_is_assigned_again() -> None:
+    first = event("assigned", 1.0, "kafka-w1", partitions=["t/0", "t/1", "t/2"])
+    revoked = event("revoked", 3.0, "kafka-w1", partitions=["t/0", "t/1", "t/2"])
+    newcomer = event("assigned", 6.0, "kafka-w2", partitions=["t/2"])
+    assert not crashes._rebalanced(frame(first, revoked, newcomer), 2), "w1 has not got its partitions back"
+    assert crashes._rebalanced(frame(first, revoked, newcomer, event("assigned", 6.1, "kafka-w1")), 2)
+    assert not crashes._rebalanced(frame(first), 2)

@@ -119,6 +119,18 @@ def test_replay_outcomes_finds_the_completion_of_each_replayed_booking() -> None
     assert table.loc[0, "attempt"] == 1
 
 
+def test_the_reconciliation_statement_and_the_offsets_answer_in_words() -> None:
+    before = pd.DataFrame({"produced": [48], "completed": [40], "dead_lettered": [8], "replayed": [0], "lost": [0]},
+                          index=pd.Index(["kafka"], name="backend"))  # fmt: skip
+    after = before.assign(completed=45, dead_lettered=3, replayed=5)
+    said = deadletters.reconciliation_statement(before, after)
+    assert said.text == ("- Kafka: 48 sent = 40 completed + 8 dead-lettered, then 45 + 3 after replaying 5; "
+                         "lost: 0.")  # fmt: skip
+    answers = pd.DataFrame({"partition": ["d/0", "d/1"], "offset": [-1, -1]})
+    assert deadletters.answered_offsets(answers) == "-1 on every partition"
+    assert deadletters.answered_offsets(answers.assign(offset=[0, 3])) == "d/0: 0, d/1: 3"
+
+
 def test_reconciliation_chart_returns_its_axes() -> None:
     import matplotlib.pyplot as plt
 

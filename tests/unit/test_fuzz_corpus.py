@@ -2,7 +2,7 @@
 
 parse_booking is the one gate every backend's messages pass through, so two promises are
 checked on generated input: it never raises anything but BadMessage, and it never accepts a
-message that breaks CONTRACT.md. The contract is re-stated here independently of
+message that breaks docs/contract.md. The contract is re-stated here independently of
 labkit/booking.py, so a rule dropped there fails these tests.
 """
 
@@ -28,7 +28,7 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def follows_contract(obj: Any) -> bool:
-    """CONTRACT.md's message rules, written out again without labkit's code."""
+    """docs/contract.md's message rules, written out again without labkit's code."""
     if not isinstance(obj, dict) or any(name not in obj for name in REQUIRED):
         return False
     strings = [obj[name] for name in ("booking_id", "user_id", "hotel_id")]

@@ -247,3 +247,27 @@ def test_partition_sizes_and_shares_follow_partitions() -> None:
     assert groups.shares_follow_partitions(table, locations)
     table.loc[0, "bookings"] = 2
     assert not groups.shares_follow_partitions(table, locations)
+
+
+def test_the_pauses_statement_prints_each_backends_pause_and_kafkas_rebalance() -> None:
+    table = pd.DataFrame(
+        {"longest pause after join": [0.06, 0.05, 3.4], "Kafka rebalance after join": [None, None, 3.02]},
+        index=pd.Index(["bullmq", "streams", "kafka"], name="backend"),
+    )
+    said = groups.pauses_statement(table)
+    assert said.text == ("Longest stretch without a completed booking after the join: BullMQ 0.06 s, Redis Streams "
+                         "0.05 s, Kafka 3.40 s. Kafka's rebalance itself took 3.02 s.")  # fmt: skip
+    assert set(said.figures) == {"02.join_pause_bullmq_s", "02.join_pause_streams_s", "02.join_pause_kafka_s",
+                                 "02.join_rebalance_s"}  # fmt: skip
+
+
+def test_first_assignment_is_from_a_kafka_workers_ready_to_its_partitions() -> None:
+    from labkit.lessons import brokers
+
+    events = pd.DataFrame(
+        [{"event": "ready", "mono": 1.0, "worker": "bullmq-w1", "backend": "bullmq"},
+         {"event": "ready", "mono": 2.0, "worker": "kafka-w1", "backend": "kafka"},
+         {"event": "assigned", "mono": 5.1, "worker": "kafka-w1", "backend": "kafka"}]
+    )  # fmt: skip
+    assert brokers.first_assignment_s(events) == pytest.approx(3.1)
+    assert pd.isna(brokers.first_assignment_s(events[events["backend"] == "bullmq"]))

@@ -99,6 +99,14 @@ def test_the_report_counts_per_configuration_and_group() -> None:
     assert ordering.violations(report, "two", ordering.RETRIED) == 0, "a group without bookings has no violations"
 
 
+def test_the_report_statement_counts_the_unretried_bookings_each_parallel_setup_broke() -> None:
+    report = ordering.order_report(frame(log("a", IN_ORDER, "one"), log("b", INVERTED, "one")),
+                                   frame(log("a", OVERLAP, "two"), log("b", OVERLAP, "two")))  # fmt: skip
+    said = ordering.report_statement(report, {"streams_3": "one", "bullmq_8": "two"})
+    assert said.text == "Bookings never retried whose order was broken, of 2: one: 1; two: 2."
+    assert said.figures == {"05.unretried_bookings": 2, "05.out_of_order_streams_3": 1, "05.out_of_order_bullmq_8": 2}
+
+
 def test_example_booking_prefers_one_applied_out_of_order() -> None:
     events = frame(log("a-overlap", OVERLAP), log("b-inverted", INVERTED), log("c-retried", RETRIED))
     assert ordering.example_booking(events, "cfg", retried=False) == "b-inverted"

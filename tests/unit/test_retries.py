@@ -111,6 +111,19 @@ def test_measured_gaps_against_configured_and_announced() -> None:
     assert s["configured_ms"].tolist() == [200, 200] and s["gap_ms"].round(1).tolist() == [300.0, 300.0]
 
 
+def test_gaps_statement_prints_how_late_each_backend_retried_and_the_streams_overshoot() -> None:
+    events = frame([*retried_twice("bullmq", "b", 1.0, (0.25, 0.45)), *retried_twice("streams", "s", 3.0, (0.3, 0.37))])
+    gaps = retries.measured_gaps(retries.attempt_timeline(events, SETTINGS), events)
+    assert retries.median_extra_ms(gaps, "bullmq") == pytest.approx(50.0)
+    said = retries.gaps_statement(gaps, SETTINGS)
+    assert said.text.startswith("The median retry came this much later than configured: BullMQ 50.0 ms, Redis "
+                                "Streams 135.0 ms.")  # fmt: skip
+    # min-idle 200 ms: the reclaimer looks every 100 ms; the longest overshoot, 170 ms, is 70 ms past one period
+    assert "looks every 100 ms" in said.text and "longest overshoot here was 170.0 ms, 70.0 ms more" in said.text
+    assert said.figures["03.streams_overshoot_max_ms"] == pytest.approx(170.0)
+    assert "1→2 300 ms, 2→3 370 ms" in said.text
+
+
 def test_kafka_announces_its_delay_in_seconds() -> None:
     rows = retried_twice("kafka", "k", 1.0, (0.2, 0.4))
     for row in rows:

@@ -86,6 +86,24 @@ def test_kafka_capped_needs_every_run_beyond_the_partitions_to_keep_exactly_that
     assert not scaling.kafka_capped(frame[frame["workers"] <= 2]), "no run beyond the partitions: nothing shown"
 
 
+def test_statements_print_the_speedups_cpu_and_booking_times_of_the_run() -> None:
+    table = results().assign(**{"CPU busy %": 50.0, "booking ms": 12.5})
+    said = scaling.scaling_statement(table, step_ms=2)
+    assert "- BullMQ: 1 → 4 workers gave 3.60x the throughput (perfect: 4x)" in said.text
+    assert "CPU was 50.0 % → 50.0 % busy, and a booking took 12.5 → 12.5 ms, of which 10 ms is waiting" in said.text
+    assert said.figures == {"06.speedup_bullmq": pytest.approx(3.6), "06.speedup_kafka": pytest.approx(2.82)}
+    assert "- Kafka: 1 → 2: 1.50x; 2 → 4: 1.87x; 4 → 8: 1.01x." in scaling.steps_statement(table).text
+
+
+def test_the_kafka_pair_statement_reads_the_2_worker_run() -> None:
+    assignments = pd.DataFrame(
+        {"workers": [2, 2], "worker": ["w1", "w2"], "partitions": [[0, 1], [2]], "bookings": [70, 30]}
+    ).set_index(["workers", "worker"])
+    said = scaling.kafka_pair_statement(results(), assignments)
+    assert said.text == ("With 2 Kafka workers, w1 owned 2 of the 3 partitions and completed 70 % of the bookings; "
+                         "the pair was 1.50x as fast as 1 worker.")  # fmt: skip
+
+
 def test_kafka_partitions_come_from_the_settings() -> None:
     assert scaling.kafka_partitions(WorkerSettings()) == 3
     assert scaling.kafka_partitions(WorkerSettings(options={"partitions": "6"})) == 6
