@@ -76,7 +76,11 @@ def test_backlog_drain_times_the_recovery(backend: str, lab_config: Config) -> N
     # mishandles (it keeps the departed group leader), which KafkaBackend.renew_group works around.
     drain = bench.WORKLOADS["backlog-drain"].replace(rate=200, duration_s=12, warmup_s=2, pause_at_s=4, pause_s=3)
     row, timeline, _ = bench.run_once(backend, drain, lab_config)
-    assert row["lost"] == 0 and row["duplicates"] == 0
+    # At-least-once: stopping a consumer may hand back what it had in flight (a BullMQ job whose lock lapsed while a
+    # loaded machine was slow to close, a Kafka offset not yet committed), so duplicates are allowed but bounded by
+    # what the consumers could hold at the stop.
+    assert row["lost"] == 0
+    assert row["duplicates"] <= drain.consumers * drain.concurrency
     assert row["paused_at_s"] == pytest.approx(4, abs=0.5) and row["resumed_at_s"] - row["paused_at_s"] >= 3
     # 3 s without consumers at 200/s: about 600 waiting, then drained.
     assert row["max_backlog"] >= 400
