@@ -94,17 +94,26 @@ def per_worker(events: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def processed_once(events: pd.DataFrame, booking_ids: Iterable[str]) -> pd.Series:
-    """Per backend: was every booking in ``booking_ids`` completed exactly once, and nothing else?"""
+def delivery_counts(events: pd.DataFrame, booking_ids: Iterable[str]) -> pd.DataFrame:
+    """Per backend: bookings ``sent``, ``completed`` events, ``lost`` (never completed) and ``duplicates``.
+
+    All three systems promise at-least-once, so a duplicate (a booking completed again after a worker lost
+    its lock or its partition before acknowledging) is allowed and counted; a lost booking is a bug.
+    """
     import pandas as pd
 
-    wanted = pd.Series(1, index=sorted(set(booking_ids)))
+    wanted = set(booking_ids)
     done = events[events["event"] == "completed"]
-    result = {}
+    rows = {}
     for backend in dict.fromkeys(events.loc[events["event"] == "ready", "backend"]):
-        counts = done.loc[done["backend"] == backend, "booking_id"].value_counts().sort_index()
-        result[backend] = counts.index.equals(wanted.index) and bool((counts == 1).all())
-    return pd.Series(result, name="processed exactly once", dtype=bool)
+        ours = done.loc[(done["backend"] == backend) & done["booking_id"].isin(wanted), "booking_id"]
+        rows[backend] = {
+            "sent": len(wanted),
+            "completed": len(ours),
+            "lost": len(wanted - set(ours)),
+            "duplicates": len(ours) - ours.nunique(),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("backend")
 
 
 # -- Kafka assignment --------------------------------------------------------------------------------

@@ -56,13 +56,19 @@ def test_per_worker_counts_each_workers_completions_and_keeps_idle_ones() -> Non
     assert table.loc["kafka"].tolist() == [0, 4, 0]
 
 
-def test_processed_once_wants_every_booking_exactly_once() -> None:
+def test_delivery_counts_find_lost_and_duplicate_bookings() -> None:
     events = shared_run()
     ids = [f"b{i}" for i in range(4)]
-    assert groups.processed_once(events, ids).to_dict() == {"streams": True, "kafka": True}
-    assert groups.processed_once(events, [*ids, "b9"]).to_dict() == {"streams": False, "kafka": False}
+    clean = groups.delivery_counts(events, ids)
+    assert clean[["lost", "duplicates"]].to_dict("index") == {
+        "streams": {"lost": 0, "duplicates": 0},
+        "kafka": {"lost": 0, "duplicates": 0},
+    }
+    assert groups.delivery_counts(events, [*ids, "b9"])["lost"].to_dict() == {"streams": 1, "kafka": 1}
     duplicate = frame([*events.to_dict("records"), ev("completed", 9, "kafka-w1", booking_id="b0")])
-    assert groups.processed_once(duplicate, ids).to_dict() == {"streams": True, "kafka": False}
+    counts = groups.delivery_counts(duplicate, ids)
+    assert counts.loc["kafka"].to_dict() == {"sent": 4, "completed": 5, "lost": 0, "duplicates": 1}
+    assert counts.loc["streams", "duplicates"] == 0
 
 
 def test_worker_labels_sort_by_number() -> None:
