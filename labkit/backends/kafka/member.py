@@ -173,6 +173,8 @@ class GroupMember:
         #: pause/resume/seek calls queued for the next gap between polls, with the partition they are for.
         self.ops: list[tuple[Partition, Callable[[Consumer], None]]] = []
         self.left_group = False
+        #: Set when the poll loop ends: the group watch stops on it (see ``run``).
+        self.closing = asyncio.Event()
         #: Monotonic time of this worker's last assign or revoke: a group in the middle of a rebalance is not stuck.
         self.assignment_changed = time.monotonic()
         self.failure: BaseException | None = None
@@ -194,7 +196,11 @@ class GroupMember:
                 self._apply_ops()
                 self._dispatch(await self._in_thread(self._poll))
         finally:
-            watcher.cancel()  # before the shutdown: it must not resubscribe a closing consumer
+            # The watch must end before the shutdown (it must not resubscribe a closing consumer). A cancel alone
+            # was not enough: one that lands as the watch's Redis or admin call completes was seen lost (the watch
+            # went on to its next sleep, and the worker did not stop until SIGKILL), so it also stops on `closing`.
+            self.closing.set()
+            watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             try:

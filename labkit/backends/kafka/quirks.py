@@ -17,6 +17,7 @@ The measured figures (both brokers, side by side) are in docs/embedded-kafka.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -247,8 +248,11 @@ class GroupWatch:
 
     async def run(self) -> None:
         unowned_since: float | None = None
-        while True:
-            await asyncio.sleep(GROUP_CHECK_EVERY_S)
+        closing = self.member.closing
+        while not closing.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(closing.wait(), GROUP_CHECK_EVERY_S)
+                return
             if self.member.left_group:
                 unowned_since = None
                 continue
