@@ -198,25 +198,39 @@ class BookingService:
         self.wait_settled([answer["booking_id"]], timeout)
         return time.monotonic() - started
 
-    def wait_settled(self, booking_ids: Iterable[str], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+    def wait_settled(
+        self, booking_ids: Iterable[str], timeout: float = 60.0, progress: bool = True
+    ) -> dict[str, dict[str, Any]]:
         """Wait until every booking is completed or dead-lettered on every backend that took it.
+
+        Progress: a bar of (booking, backend) pairs settled, since a redelivery can take each backend's
+        whole failure-detection time.
 
         Raises:
             TimeoutError: not all settled in time; says which were not.
         """
+        from labkit.progress import progress as progress_bar
+
         waiting = set(booking_ids)
-        settled: dict[str, dict[str, Any]] = {}
+        latest: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + timeout
-        while waiting:
-            for booking_id in sorted(waiting):
-                status = self.status(booking_id)
-                if all(s["state"] in SETTLED for s in status.values()):
-                    settled[booking_id] = status
-                    waiting.discard(booking_id)
-            if waiting and time.monotonic() > deadline:
-                raise TimeoutError(f"{len(waiting)} bookings not settled after {timeout:g} s: {sorted(waiting)[:5]}")
-            time.sleep(0.1)
-        return settled
+        unit = "backends" if len(waiting) == 1 else "bookings×backends"
+        with progress_bar(desc="settled", unit=unit, disable=not progress) as bar:
+            while waiting:
+                for booking_id in sorted(waiting):
+                    latest[booking_id] = self.status(booking_id)
+                    if all(s["state"] in SETTLED for s in latest[booking_id].values()):
+                        waiting.discard(booking_id)
+                bar.total = sum(len(status) for status in latest.values())
+                bar.n = sum(s["state"] in SETTLED for status in latest.values() for s in status.values())
+                bar.refresh()
+                if waiting and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{len(waiting)} bookings not settled after {timeout:g} s: {sorted(waiting)[:5]}"
+                    )
+                if waiting:
+                    time.sleep(0.1)
+        return latest
 
     def watch(
         self, booking_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 60.0, every: float = 0.05
