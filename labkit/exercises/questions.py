@@ -199,7 +199,11 @@ def write_step(function: Callable[..., Any], folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"learner_step_{uuid.uuid4().hex[:8]}.py"
     header = '"""A learner\'s payment step, written by labkit.exercises for the workers to import."""\n\n'
-    path.write_text(header + "import asyncio\nimport time\n\n\n" + source_of(function), encoding="utf-8")
+    imports = (
+        "from __future__ import annotations\n\nimport asyncio\nimport time\n\n"
+        "from labkit.workflow import PaymentContext\n"
+    )
+    path.write_text(f"{header}{imports}\n\n{source_of(function)}", encoding="utf-8")
     return f"{path}:{function.__name__}"
 
 
@@ -246,8 +250,9 @@ def record(outcome: Outcome, config: Config | None = None) -> None:
         outcome=outcome.verdict.value,
         correct=bool(entry.get("correct")) or bool(outcome),
         when=datetime.now(UTC).isoformat(timespec="seconds"),
-        seconds=round(outcome.seconds, 2),
     )
+    if attempted:
+        entry["seconds"] = round(outcome.seconds, 2)  # how long the last real experiment took
     data[outcome.question] = entry
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -319,6 +324,11 @@ class Question:
     def __post_init__(self) -> None:
         REGISTRY[self.id] = self
 
+    @property
+    def handle(self) -> str:
+        """How a notebook names the question: ``ex.q3``."""
+        return f"ex.{self.id.split('.')[1]}"
+
     def check(self, answer: Any = ____, show: bool = True) -> Outcome:
         """Judge ``answer`` with a real experiment; shows and returns the outcome, and never raises."""
         started = time.monotonic()
@@ -340,9 +350,9 @@ class Question:
             with fresh_lab(self.id, self.backends) as config:
                 judged = self.judge(answer, config)
         except BadAnswer as e:
-            return Outcome(self.id, Verdict.INCORRECT, f"{e} `ex.{self.id.split('.')[1]}.hint()`")
+            return Outcome(self.id, Verdict.INCORRECT, f"{e} `{self.handle}.hint()`")
         except LearnerCodeRaised as e:
-            return Outcome(self.id, Verdict.RAISED, f"{e.args[0]}. Fix it and check again; `{self.id}.hint()`.")
+            return Outcome(self.id, Verdict.RAISED, f"{e.args[0]}. Fix it and check again; `{self.handle}.hint()`.")
         except Inconclusive as e:
             return Outcome(self.id, Verdict.INCONCLUSIVE, f"{e} This says nothing about your answer: check again.")
         except Exception as e:  # noqa: BLE001 - a broker down, a timeout: the lab's problem, never the learner's
@@ -352,7 +362,7 @@ class Question:
                 f"the experiment could not run: `{line}`. Is the stack up (`labkit status`)? Check again.",
             )  # fmt: skip
         verdict = Verdict.CORRECT if judged.correct else Verdict.INCORRECT
-        message = judged.message if judged.correct else f"{judged.message} `ex.{self.id.split('.')[1]}.hint()`"
+        message = judged.message if judged.correct else f"{judged.message} `{self.handle}.hint()`"
         return Outcome(self.id, verdict, message, dict(judged.measured))
 
     def hint(self) -> None:
@@ -366,7 +376,10 @@ class Question:
         measured = ""
         if self.last is not None and self.last.measured:
             measured = " Last run measured: " + ", ".join(f"{k} = {v}" for k, v in self.last.measured.items()) + "."
-        _show_text("Solution:", self.solution_text + measured)
+        code = ""
+        if callable(self.reference):
+            code = f"\n\n```python\n{source_of(self.reference)}```"
+        _show_text("Solution:", self.solution_text + measured + code)
 
 
 @contextlib.contextmanager
