@@ -306,6 +306,8 @@ class Question:
         wrong: typical wrong answers by name (tests check that each is judged Incorrect).
         backends: the backends the experiment uses: each is emptied after the check.
         confusion: which of the ten common confusions (docs/exercises.md) the question is about, if any.
+        reference_for: the reference answer on a given lab, when it depends on the broker (a timing measured on
+            each broker and recorded, labkit/lessons/recorded.json); else ``reference`` holds everywhere.
     """
 
     id: str
@@ -318,11 +320,16 @@ class Question:
     wrong: Mapping[str, Any] = field(default_factory=dict)
     backends: Sequence[str] = ()
     confusion: int | None = None
+    reference_for: Callable[[Config], Any] | None = None
     _hints_shown: int = field(default=0, repr=False)
     last: Outcome | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         REGISTRY[self.id] = self
+
+    def reference_answer(self, config: Config) -> Any:
+        """The reference answer on ``config``'s lab (its Kafka broker may matter)."""
+        return self.reference if self.reference_for is None else self.reference_for(config)
 
     @property
     def handle(self) -> str:
