@@ -12,11 +12,15 @@ from typing import Any
 
 import redis
 
+from labkit.booking import BookingGenerator
 from labkit.config import Config
-from labkit.exercises.questions import Judged, Kind, Question, ____, as_number, call_learner, progress, ready
+from labkit.exercises.questions import Inconclusive, Judged, Kind, Question, ____, as_number, call_learner, progress, ready
+from labkit.lab import produce
 from labkit.lessons.retries import PendingExplorer
+from labkit.pool import WorkerPool
+from labkit.workflow import WorkerSettings
 
-__all__ = ["____", "claim_all_reference", "progress", "q1", "q2", "q3", "ready"]
+__all__ = ["____", "claim_all_reference", "progress", "q1", "q2", "q3", "q4", "ready"]
 
 ENTRIES = 5
 STUCK = 7
@@ -88,6 +92,38 @@ def _judge_claim(answer: Any, config: Config) -> Judged:
                   f"{STUCK - now_rescuer} are still orphaned.", measured)  # fmt: skip
 
 
+IN_FLIGHT = 4
+ORPHAN_WAIT_S = 3.0
+
+
+def _judge_orphans(answer: Any, config: Config) -> Judged:
+    settings = WorkerSettings(concurrency=IN_FLIGHT, step_ms=1000)
+    with WorkerPool("streams", config, settings) as pool:
+        pool.start(1)
+        produce("streams", BookingGenerator(seed=9, prefix="ex03o").bookings(IN_FLIGHT), config)
+        deadline = time.monotonic() + 10
+        while (pool.events()["event"] == "started").sum() < IN_FLIGHT:
+            if time.monotonic() > deadline:
+                raise Inconclusive("the worker did not start its bookings in time.")
+            time.sleep(0.05)
+        dead = pool.workers[0].worker_id
+        pool.kill(0)
+        time.sleep(ORPHAN_WAIT_S)
+        client = redis.Redis.from_url(config.redis_url, decode_responses=True)
+        try:
+            held = client.xpending_range(config.names.stream, config.names.stream_group, "-", "+", 100, dead)
+        finally:
+            client.close()
+    measured = {"pending_for_dead_consumer": len(held)}
+    ran = (f"SIGKILLed the only Streams worker while it ran {IN_FLIGHT} bookings, waited {ORPHAN_WAIT_S:g} s, "
+           "then asked XPENDING what its consumer holds")  # fmt: skip
+    if as_number(answer) == len(held):
+        return Judged(True, f"{ran}: {len(held)} entries, still in the dead consumer's pending list. Nothing "
+                      "expires them: only another consumer's XAUTOCLAIM (labkit's workers run one) or XCLAIM moves "
+                      "them, so with no survivor they wait for ever.", measured)  # fmt: skip
+    return Judged(False, f"{ran}: XPENDING does not list {answer} for it.", measured)
+
+
 q1 = Question(
     "ex03.q1", Kind.PREDICT, "XREADGROUP with 0 after reading with >", _judge_zero,
     hints=["`>` and `0` ask different questions: new entries, or my own pending ones?",
@@ -110,4 +146,11 @@ q3 = Question(
     solution_text="a loop over XAUTOCLAIM from cursor 0-0, each call starting at the cursor the last answered, "
     "until it answers 0-0:",
     reference=claim_all_reference, wrong={"one call": claim_once}, backends=(), confusion=8,
+)  # fmt: skip
+q4 = Question(
+    "ex03.q4", Kind.PREDICT, "entries left pending by a killed consumer", _judge_orphans,
+    hints=["Does Redis notice that a consumer died?",
+           "A pending entry belongs to its consumer until XACK, XCLAIM or XAUTOCLAIM; there is no timeout."],
+    solution_text=f"{IN_FLIGHT}: all of them stay pending for the dead consumer until a live one claims them.",
+    reference=IN_FLIGHT, wrong={"the broker cleans up": 0}, backends=("streams",), confusion=7,
 )  # fmt: skip
