@@ -14,7 +14,17 @@ import redis
 
 from labkit.booking import BookingGenerator
 from labkit.config import Config
-from labkit.exercises.questions import Inconclusive, Judged, Kind, Question, ____, as_number, call_learner, progress, ready
+from labkit.exercises.questions import (
+    Inconclusive,
+    Judged,
+    Kind,
+    Question,
+    ____,
+    as_number,
+    call_learner,
+    progress,
+    ready,
+)
 from labkit.lab import produce
 from labkit.lessons.retries import PendingExplorer
 from labkit.pool import WorkerPool
