@@ -414,7 +414,7 @@ def progress() -> pd.DataFrame:
     return all_progress()
 
 
-def ready(reference_answers: bool = False, config: Config | None = None) -> Config:
+def ready(reference_answers: bool = False, config: Config | None = None) -> None:
     """The setup cell: start the stack if it is not answering, and say what is ready.
 
     Args:
@@ -427,10 +427,9 @@ def ready(reference_answers: bool = False, config: Config | None = None) -> Conf
         statuses = stack.Stack(config).up()
     except LabkitError as e:
         _show_text("Stack NOT ready:", f"{e} Every check will say Inconclusive until `labkit up` works.")
-        return config
+        return
     lines = [f"- {s.service}: {s.kind} at {s.address}, {'ready' if s.healthy else 'NOT ready'}" for s in statuses]
     _show_text("Stack:", "\n" + "\n".join(lines) + "\n\nEvery check runs its experiment on these servers.")
-    return config
 
 
 def nearest(value: float, choices: Mapping[str, float], margin: float = 0.15) -> str | None:
