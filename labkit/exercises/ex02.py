@@ -127,7 +127,7 @@ q2 = Question(
            "librdkafka stores each record's offset when poll() returns it, and commits every auto.commit.interval.ms."],
     solution_text=f"0: the committed offset is {RECORDS}, past every record polled, so the "
     f"{RECORDS - PROCESSED} unprocessed ones are skipped after a restart: lost, not redelivered.",
-    reference=0, wrong={"the unprocessed ones": RECORDS - PROCESSED}, backends=(), confusion=5,
+    reference=0, wrong={"the unprocessed ones": RECORDS - PROCESSED}, backends=("kafka",), confusion=5,
 )  # fmt: skip
 q3 = Question(
     "ex02.q3", Kind.PREDICT, "how long a Kafka group pauses when a worker joins", _judge_pause,

@@ -30,7 +30,7 @@ from labkit.lessons.retries import PendingExplorer
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
-__all__ = ["____", "claim_all_reference", "progress", "q1", "q2", "q3", "q4", "ready"]
+__all__ = ["____", "claim_all_reference", "held_by_reference", "progress", "q1", "q2", "q3", "q4", "ready"]
 
 ENTRIES = 5
 STUCK = 7
@@ -102,8 +102,19 @@ def _judge_claim(answer: Any, config: Config) -> Judged:
                   f"{STUCK - now_rescuer} are still orphaned.", measured)  # fmt: skip
 
 
-IN_FLIGHT = 4
+IN_FLIGHT = 3
+WAITING = 2
 ORPHAN_WAIT_S = 3.0
+
+
+def held_by_reference(client: Any, stream: str, group: str, consumer: str) -> int:
+    """The reference: XPENDING's extended form, filtered to one consumer, counted."""
+    return len(client.xpending_range(stream, group, "-", "+", 1000, consumername=consumer))
+
+
+def held_by_stream_length(client: Any, stream: str, group: str, consumer: str) -> int:
+    """A typical wrong answer: XLEN counts every entry of the stream, pending or not, read or not."""
+    return int(client.xlen(stream))
 
 
 def _judge_orphans(answer: Any, config: Config) -> Judged:
@@ -118,20 +129,22 @@ def _judge_orphans(answer: Any, config: Config) -> Judged:
             time.sleep(0.05)
         dead = pool.workers[0].worker_id
         pool.kill(0)
-        time.sleep(ORPHAN_WAIT_S)
-        client = redis.Redis.from_url(config.redis_url, decode_responses=True)
-        try:
-            held = client.xpending_range(config.names.stream, config.names.stream_group, "-", "+", 100, dead)
-        finally:
-            client.close()
-    measured = {"pending_for_dead_consumer": len(held)}
-    ran = (f"SIGKILLed the only Streams worker while it ran {IN_FLIGHT} bookings, waited {ORPHAN_WAIT_S:g} s, "
-           "then asked XPENDING what its consumer holds")  # fmt: skip
-    if as_number(answer) == len(held):
-        return Judged(True, f"{ran}: {len(held)} entries, still in the dead consumer's pending list. Nothing "
-                      "expires them: only another consumer's XAUTOCLAIM (labkit's workers run one) or XCLAIM moves "
-                      "them, so with no survivor they wait for ever.", measured)  # fmt: skip
-    return Judged(False, f"{ran}: XPENDING does not list {answer} for it.", measured)
+    produce("streams", BookingGenerator(seed=10, prefix="ex03w").bookings(WAITING), config)
+    time.sleep(ORPHAN_WAIT_S)
+    client = redis.Redis.from_url(config.redis_url, decode_responses=True)
+    try:
+        held = held_by_reference(client, config.names.stream, config.names.stream_group, dead)
+        said = call_learner(answer, client, config.names.stream, config.names.stream_group, dead)
+    finally:
+        client.close()
+    measured = {"pending_for_dead_consumer": held, "your_function": said}
+    ran = (f"SIGKILLed the only Streams worker while it ran {IN_FLIGHT} bookings, sent {WAITING} more, waited "
+           f"{ORPHAN_WAIT_S:g} s, then called your function for the dead consumer {dead!r}")  # fmt: skip
+    if said == held:
+        return Judged(True, f"{ran}: {held}, as XPENDING says. They are orphaned: nothing expires a pending entry; "
+                      "only another consumer's XAUTOCLAIM (labkit's workers run one) or XCLAIM moves them, so with "
+                      "no survivor they wait for ever.", measured)  # fmt: skip
+    return Judged(False, f"{ran}: it returned {said!r}, but XPENDING lists another count for that consumer.", measured)
 
 
 q1 = Question(
@@ -158,9 +171,9 @@ q3 = Question(
     reference=claim_all_reference, wrong={"one call": claim_once}, backends=(), confusion=8,
 )  # fmt: skip
 q4 = Question(
-    "ex03.q4", Kind.PREDICT, "entries left pending by a killed consumer", _judge_orphans,
-    hints=["Does Redis notice that a consumer died?",
-           "A pending entry belongs to its consumer until XACK, XCLAIM or XAUTOCLAIM; there is no timeout."],
-    solution_text=f"{IN_FLIGHT}: all of them stay pending for the dead consumer until a live one claims them.",
-    reference=IN_FLIGHT, wrong={"the broker cleans up": 0}, backends=("streams",), confusion=7,
+    "ex03.q4", Kind.INSPECT, "count what a killed consumer still holds", _judge_orphans,
+    hints=["Which command lists pending entries, and can it filter by consumer?",
+           "XPENDING's extended form: `client.xpending_range(stream, group, '-', '+', 1000, consumername=consumer)`."],
+    solution_text="count XPENDING's entries for that consumer:",
+    reference=held_by_reference, wrong={"stream length": held_by_stream_length}, backends=("streams",), confusion=7,
 )  # fmt: skip
