@@ -28,7 +28,7 @@ PROCESSED = 4
 COMMIT_INTERVAL_MS = 200
 #: q3: bookings per second while a third Kafka worker joins, and how long each phase lasts at least.
 JOIN_RATE = 10.0
-JOIN_PHASE_S = 3.0
+JOIN_PHASE_S = 2.0
 #: q3's tolerance: a prediction within this many seconds, or this share, of the measured pause is right.
 PAUSE_TOLERANCE_S = 0.5
 PAUSE_TOLERANCE = 0.5
