@@ -68,7 +68,7 @@ def _judge_autocommit(answer: Any, config: Config) -> Judged:
         })  # fmt: skip
         try:
             consumer.assign([TopicPartition(topic, 0, 0)])
-            polled = []
+            polled: list[Any] = []
             deadline = time.monotonic() + 15
             while len(polled) < RECORDS and time.monotonic() < deadline:
                 message = consumer.poll(0.5)

@@ -62,7 +62,7 @@ def dead_letter_without_reason(client: Any, stream: str, group: str, entry_id: s
 
 def _judge_dlq(answer: Any, config: Config) -> Judged:
     stream, dlq, group = f"{config.namespace}ex04-work", f"{config.namespace}ex04-dlq", "ex04-group"
-    client = redis.Redis.from_url(config.redis_url, decode_responses=True)
+    client: Any = redis.Redis.from_url(config.redis_url, decode_responses=True)  # plain replies, decoded
     try:
         client.xgroup_create(stream, group, id="0", mkstream=True)
         bookings = BookingGenerator(seed=5, prefix="ex04").bookings(3)

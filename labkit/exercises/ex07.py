@@ -83,7 +83,7 @@ def _judge_idempotent(answer: Any, config: Config) -> Judged:
     payments = run.effects["streams"]["payments"]
     twice = sorted(b for b in run.bookings if payments.get(b, 0) > 1)
     never = sorted(b for b in run.bookings if payments.get(b, 0) == 0)
-    raised = run.events[run.events["event"] == "handler_error"] if "event" in run.events else []
+    raised = run.events[run.events["event"] == "handler_error"]
     measured = {"bookings": len(run.bookings), "charged_twice": len(twice), "never_charged": len(never)}
     ran = (f"ran {len(run.bookings)} bookings (one sent twice) on 2 Streams workers with your step, "
            f"killed {run.kills['streams'].worker} right after the payment of {run.victim}")  # fmt: skip

@@ -149,7 +149,7 @@ def _in_kernel() -> bool:
 
 def _show(outcome: Outcome) -> None:
     if _in_kernel():
-        from IPython.display import Markdown, display
+        from IPython.display import Markdown, display  # type: ignore[attr-defined]
 
         display(Markdown(outcome._repr_markdown_()))  # type: ignore[no-untyped-call]
     else:
@@ -158,7 +158,7 @@ def _show(outcome: Outcome) -> None:
 
 def _show_text(title: str, text: str) -> None:
     if _in_kernel():
-        from IPython.display import Markdown, display
+        from IPython.display import Markdown, display  # type: ignore[attr-defined]
 
         display(Markdown(f"**{title}** {text}"))  # type: ignore[no-untyped-call]
     else:
