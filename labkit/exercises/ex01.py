@@ -11,10 +11,10 @@ from typing import Any
 
 from labkit.booking import BookingGenerator
 from labkit.config import Config
-from labkit.exercises.questions import Judged, Kind, Question, ____, as_choice, as_number, progress, ready
-from labkit.lessons import anatomy
+from labkit.exercises.questions import Inconclusive, Judged, Kind, Question, ____, as_choice, as_number, progress, ready
+from labkit.lessons import anatomy, brokers
 
-__all__ = ["____", "progress", "q1", "q2", "q3", "ready"]
+__all__ = ["____", "progress", "q1", "q2", "q3", "q4", "ready"]
 
 JOB_ID = "ex-booking-1"
 CHOICES_KEPT = ("first", "second")
@@ -71,6 +71,26 @@ def _judge_again(answer: Any, config: Config) -> Judged:
     )
 
 
+SAME_KEY = 5
+
+
+def _judge_partitions(answer: Any, config: Config) -> Judged:
+    base = BookingGenerator(seed=3, prefix="ex01k").bookings(1)[0]
+    sends = [{**base, "seq": i} for i in range(SAME_KEY)]
+    with brokers.scratch_topic(config, "ex01-keys", partitions=3) as topic:
+        reports = anatomy.kafka_send(config, sends, topic=topic)
+    if reports["error"].notna().any():
+        raise Inconclusive(f"the broker refused a record: {reports['error'].dropna().iloc[0]}")
+    used = int(reports["partition"].nunique())
+    measured = {"partitions_used": used, "offsets": list(reports["offset"])}
+    ran = f"sent {SAME_KEY} records with the same key ({base['booking_id']!r}) to a 3-partition topic"
+    if as_number(answer) == used:
+        return Judged(True, f"{ran}: they landed on {used} partition, at offsets {list(reports['offset'])}. The "
+                      "partitioner hashes the key (murmur2), so one booking's records share a partition and keep "
+                      "their order there.", measured)  # fmt: skip
+    return Judged(False, f"{ran}: the delivery reports do not show {answer} partitions.", measured)
+
+
 q1 = Question(
     "ex01.q1", Kind.PREDICT, "jobs waiting after the same jobId is added twice", _judge_waiting,
     hints=["BullMQ's add script first looks whether `bull:<queue>:<jobId>` exists.",
@@ -92,4 +112,11 @@ q3 = Question(
     solution_text='"accepted": once the old job is removed, the same jobId is a brand new job '
     "(a booking retried by its producer after completion runs again).",
     reference="accepted", wrong={"dedupe forever": "ignored"}, backends=("bullmq",), confusion=3,
+)  # fmt: skip
+q4 = Question(
+    "ex01.q4", Kind.PREDICT, "partitions used by records of one key", _judge_partitions,
+    hints=["How does a Kafka producer choose a record's partition when the record has a key?",
+           "hash(key) mod partitions: the same key gives the same number every time."],
+    solution_text="1: the same key always hashes to the same partition.",
+    reference=1, wrong={"spread round-robin": 3}, backends=("kafka",),
 )  # fmt: skip

@@ -30,7 +30,7 @@ from labkit.lessons.retries import PendingExplorer
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
-__all__ = ["____", "claim_all_reference", "held_by_reference", "progress", "q1", "q2", "q3", "q4", "ready"]
+__all__ = ["____", "claim_all_reference", "held_by_reference", "progress", "q1", "q2", "q3", "q4", "q5", "ready"]
 
 ENTRIES = 5
 STUCK = 7
@@ -61,6 +61,25 @@ def _judge_other(answer: Any, config: Config) -> Judged:
         return Judged(True, f"{ran}: bob got {bob}; `>` never hands out an entry that was delivered before, so "
                       f"{pending} stay in alice's pending list until someone claims them.", measured)  # fmt: skip
     return Judged(False, f"{ran}: bob did not get {answer} entries.", measured)
+
+
+REREADS = 2
+
+
+def _judge_deliveries(answer: Any, config: Config) -> Judged:
+    with PendingExplorer(config, name="ex03-count") as pel:
+        pel.reset(1)
+        pel.read("alice", ">")
+        for _ in range(REREADS):
+            pel.read("alice", "0")
+        count = int(pel.extended()["deliveries"].iloc[0])
+    measured = {"times_delivered": count}
+    ran = f"alice read one entry with `>`, then {REREADS} times with `0`, never acknowledging it"
+    if as_number(answer) == count:
+        return Judged(True, f"{ran}: XPENDING says it was delivered {count} times. Every read of a pending entry "
+                      "counts as a delivery, which is how a worker tells a retry (and a poison entry) apart.",
+                      measured)  # fmt: skip
+    return Judged(False, f"{ran}: XPENDING's delivery count is not {answer}.", measured)
 
 
 def claim_all_reference(client: Any, stream: str, group: str, consumer: str) -> list[str]:
@@ -176,4 +195,11 @@ q4 = Question(
            "XPENDING's extended form: `client.xpending_range(stream, group, '-', '+', 1000, consumername=consumer)`."],
     solution_text="count XPENDING's entries for that consumer:",
     reference=held_by_reference, wrong={"stream length": held_by_stream_length}, backends=("streams",), confusion=7,
+)  # fmt: skip
+q5 = Question(
+    "ex03.q5", Kind.PREDICT, "the delivery count after re-reading with 0", _judge_deliveries,
+    hints=["XPENDING shows `times_delivered` for each pending entry.",
+           "Does reading your own pending entries with `0` count as delivering them again?"],
+    solution_text=f"{REREADS + 1}: the first read and each re-read with `0` are deliveries.",
+    reference=REREADS + 1, wrong={"only the first read counts": 1}, confusion=8,
 )  # fmt: skip

@@ -11,14 +11,15 @@ from typing import Any
 
 import redis
 
+from labkit import lab
 from labkit.booking import BookingGenerator, encode
 from labkit.config import Config
-from labkit.exercises.questions import Judged, Kind, Question, ____, as_number, call_learner, progress, ready
+from labkit.exercises.questions import BadAnswer, Judged, Kind, Question, ____, as_number, call_learner, progress, ready
 from labkit.lab import produce
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
-__all__ = ["____", "dead_letter_reference", "progress", "q1", "q2", "ready"]
+__all__ = ["____", "dead_letter_reference", "progress", "q1", "q2", "q3", "q4", "ready", "reasons_reference"]
 
 MAX_ATTEMPTS = 3
 
@@ -38,6 +39,64 @@ def _judge_attempts(answer: Any, config: Config) -> Judged:
         return Judged(True, f"{ran}: {attempts} attempts, then it went to `bookings:dlq` with its reason. "
                       "max_attempts counts deliveries, the first included.", measured)  # fmt: skip
     return Judged(False, f"{ran}: the workers' event log does not show {answer} attempts.", measured)
+
+
+FAILS = 3
+
+
+def _judge_attempts_setting(answer: Any, config: Config) -> Judged:
+    attempts = as_number(answer)
+    if attempts != int(attempts) or not 1 <= attempts <= 100:
+        raise BadAnswer(f"answer a whole number of attempts from 1 to 100, not {answer!r}.")
+    booking = {**BookingGenerator(seed=7, prefix="ex04a").bookings(1)[0], "fault": {"fail_times": FAILS}}
+    settings = WorkerSettings(max_attempts=int(attempts), backoff_ms=50)
+    with WorkerPool("bullmq", config, settings) as pool:
+        pool.start(1)
+        produce("bullmq", [booking], config)
+        stats = pool.wait_until_drained(timeout=20, expected=1, progress=True)
+    measured = {"completed": stats["completed"], "dead_lettered": stats["dead_lettered"]}
+    ran = f"a booking whose payment fails {FAILS} times, on a BullMQ worker with max_attempts={int(attempts)}"
+    if stats["completed"] == 1:
+        return Judged(True, f"{ran}: it completed on attempt {FAILS + 1}, after {FAILS} retries with exponential "
+                      "backoff (50, 100, 200 ms).", measured)  # fmt: skip
+    return Judged(False, f"{ran}: it was dead-lettered, attempts exhausted, before its payment went through.", measured)
+
+
+def reasons_reference(client: Any, dlq: str) -> dict[str, str]:
+    """The reference: XRANGE the whole DLQ stream; each entry's booking id and reason."""
+    import json
+
+    return {json.loads(fields["booking"])["booking_id"]: fields["reason"] for _, fields in client.xrange(dlq)}
+
+
+def reasons_first_only(client: Any, dlq: str) -> dict[str, str]:
+    """A typical wrong answer: XREAD COUNT 1 reads only the oldest dead letter."""
+    import json
+
+    [(_, entries)] = client.xread({dlq: "0"}, count=1)
+    return {json.loads(f["booking"])["booking_id"]: f["reason"] for _, f in entries}
+
+
+def _judge_reasons(answer: Any, config: Config) -> Judged:
+    gen = BookingGenerator(seed=6, prefix="ex04r")
+    poison = {**gen.bookings(1)[0], "fault": {"poison": True}}
+    malformed = {"booking_id": "ex04r-bad", "hotelId": 7}
+    with WorkerPool("streams", config, WorkerSettings(max_attempts=2, backoff_ms=100)) as pool:
+        pool.start(1)
+        produce("streams", [poison, malformed], config)
+        pool.wait_until_drained(timeout=20, expected=2, progress=True)
+    expected = {row["booking_id"]: row["reason"] for _, row in lab.dead_letters("streams", config).iterrows()}
+    client: Any = redis.Redis.from_url(config.redis_url, decode_responses=True)
+    try:
+        said = call_learner(answer, client, config.names.stream_dlq)
+    finally:
+        client.close()
+    measured = {"dead_letters": len(expected)}
+    ran = "a poison and a malformed booking went through a Streams worker; your function read its DLQ stream"
+    if said == expected:
+        return Judged(True, f"{ran}: {said}. Each dead letter carries the booking and why it failed, so it can be "
+                      "fixed and replayed.", measured)  # fmt: skip
+    return Judged(False, f"{ran}: it returned {said!r}, which is not what the DLQ stream holds.", measured)
 
 
 def dead_letter_reference(client: Any, stream: str, group: str, entry_id: str, reason: str, dlq: str) -> None:
@@ -111,4 +170,18 @@ q2 = Question(
     "",
     reference=dead_letter_reference,
     wrong={"no ack": dead_letter_without_ack, "no reason": dead_letter_without_reason}, confusion=9,
+)  # fmt: skip
+q3 = Question(
+    "ex04.q3", Kind.INSPECT, "read every dead letter's reason", _judge_reasons,
+    hints=["The Streams DLQ is a stream: read all of it, from the first id to the last.",
+           "`client.xrange(dlq)`; each entry's `booking` field is the original message, `reason` why it failed."],
+    solution_text="XRANGE the DLQ stream and map each entry's booking id to its reason:",
+    reference=reasons_reference, wrong={"first one only": reasons_first_only}, backends=("streams",), confusion=9,
+)  # fmt: skip
+q4 = Question(
+    "ex04.q4", Kind.CONFIGURE, "max_attempts for a booking that fails three times", _judge_attempts_setting,
+    hints=["The booking succeeds on the attempt after its last failure.",
+           "max_attempts counts every delivery, the first one included."],
+    solution_text=f"{FAILS + 1} (or more): {FAILS} failed attempts, then the one that succeeds.",
+    reference=FAILS + 1, wrong={"one per failure": FAILS}, backends=("bullmq",), confusion=9,
 )  # fmt: skip

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from labkit.config import Config
-from labkit.exercises.questions import Judged, Kind, Question, ____, as_number, progress, ready
+from labkit.exercises.questions import Judged, Kind, Question, ____, as_choice, as_number, progress, ready
 from labkit.lessons import ordering
 
-__all__ = ["____", "progress", "q1", "q2", "ready"]
+__all__ = ["____", "progress", "q1", "q2", "q3", "ready"]
 
 BOOKINGS = 4
 RETRIED = 2
@@ -52,6 +52,27 @@ def _judge_retried(answer: Any, config: Config) -> Judged:
     return Judged(False, f"{ran}: {answer} is not how many ended in the wrong state.", measured)
 
 
+STREAMS_ONE = ordering.Setup("streams, 1 worker", "streams", workers=1, concurrency=1)
+CHOICES = ("in order", "out of order")
+
+
+def _judge_streams_retry(answer: Any, config: Config) -> Judged:
+    choice = as_choice(answer, CHOICES)
+    messages = ordering.booking_events(BOOKINGS, seed=6, retried=1)
+    events = ordering.run_setup(STREAMS_ONE, config, messages, step_ms=5, backoff_ms=1000, timeout=25)
+    report = ordering.order_report(events)
+    key = (STREAMS_ONE.label, ordering.RETRIED)
+    wrong = int(report.loc[key, "wrong_state"]) if key in report.index else 0
+    happened = "out of order" if wrong else "in order"
+    measured = {"wrong_state": wrong}
+    ran = ("sent 4 bookings x 3 events to ONE Streams worker processing one at a time; one booking's `created` "
+           "failed once and waited 1 s in the pending list for its retry")  # fmt: skip
+    if choice == happened:
+        return Judged(True, f"{ran}: that booking was applied {happened} ({wrong} in the wrong state). Even one "
+                      "consumer reorders when a retry waits while the next entries are read.", measured)  # fmt: skip
+    return Judged(False, f"{ran}: the retried booking was not applied {choice}.", measured)
+
+
 q1 = Question(
     "ex05.q1", Kind.PREDICT, "order violations with Kafka keys and no retries", _judge_in_order,
     hints=["Where does a keyed record go, and who reads that place?",
@@ -65,4 +86,11 @@ q2 = Question(
            "The booking's `modified` and `cancelled` are processed at once; `created` comes back a second later."],
     solution_text=f"{RETRIED}: every booking whose `created` was retried ends with `created` applied last.",
     reference=RETRIED, wrong={"keys keep order": 0}, backends=("kafka",), confusion=10,
+)  # fmt: skip
+q3 = Question(
+    "ex05.q3", Kind.PREDICT, "a single Streams consumer with a retry: in order?", _judge_streams_retry,
+    hints=["While the failed entry waits to be claimed again, does the consumer stop reading new entries?",
+           "The retry comes back from the pending list a second later, after its booking's later events."],
+    solution_text='"out of order": the later events are read and applied while the failed one waits.',
+    reference="out of order", wrong={"one consumer keeps order": "in order"}, backends=("streams",), confusion=10,
 )  # fmt: skip
