@@ -27,7 +27,10 @@ from labkit.worker import worker_command
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 #: Commands that live in a layer above the engine, loaded by name only when asked for (click's lazy
 #: subcommands): the engine never imports them, so `labkit worker` does not load FastAPI.
-LAZY_COMMANDS = {"serve": "labkit.service.serve:serve_command"}
+LAZY_COMMANDS = {
+    "serve": "labkit.service.serve:serve_command",
+    "exercises": "labkit.exercises:exercises_command",
+}
 #: The lab's Jupyter settings for `labkit lab` (see :func:`jupyter_lab_command`).
 JUPYTER_CONFIG = Path(__file__).resolve().parent / "resources" / "jupyter"
 

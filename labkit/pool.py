@@ -522,6 +522,8 @@ def _settings_argv(settings: WorkerSettings) -> list[str]:
         argv += ["-o", f"{key}={value}"]
     if settings.track_status:
         argv.append("--track-status")
+    if settings.handler:
+        argv += ["--handler", settings.handler]
     return argv
 
 

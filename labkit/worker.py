@@ -24,7 +24,7 @@ from labkit.config import BACKENDS, Config
 from labkit.errors import BrokerUnavailable, LabkitError
 from labkit.events import EventLog
 from labkit.latency import LatencyRecorder
-from labkit.workflow import BookingHandler, WorkerSettings
+from labkit.workflow import BookingHandler, WorkerSettings, load_payment_step
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ async def run_worker(
                     await backend.consume_batches(recorder, stop, worker_id)
             else:
                 handler = BookingHandler(backend.ledger, events, settings, run_dir)
+                if settings.handler:
+                    handler.payment_step = load_payment_step(settings.handler)
                 if settings.track_status:
                     handler.status = backend.status_recorder(worker_id)
                 events.emit("ready", concurrency=settings.concurrency, settings=settings.__dict__)
@@ -163,6 +165,13 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
     default=None,
     help="Run folder for the event log and effects [default: $LABKIT_HOME/runs/current].",
 )
+@click.option(
+    "--handler",
+    default="",
+    metavar="MODULE:FUNCTION",
+    help="A payment step to run instead of the built-in charge: module:function or file.py:function "
+    "(an exercise's learner code; it gets a labkit.workflow.PaymentContext).",
+)
 @click.option("--worker-id", default=None, help="Name in the event log [default: backend-host-pid].")
 def worker_command(
     backend: str,
@@ -176,6 +185,7 @@ def worker_command(
     options: tuple[str, ...],
     track_status: bool,
     run_dir: Path | None,
+    handler: str,
     worker_id: str | None,
 ) -> None:
     """Run one booking worker in the foreground until SIGTERM (warm stop) or a second signal (cold stop)."""
@@ -194,7 +204,13 @@ def worker_command(
         cpu_ms=cpu_ms,
         options=_parse_options(options),
         track_status=track_status,
+        handler=handler,
     )
+    if handler:
+        try:
+            load_payment_step(handler)  # a bad one is a bad argument, said before any connection is made
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--handler") from None
     try:
         code = asyncio.run(
             run_worker(

@@ -18,7 +18,11 @@ counted as a duplicate.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
+import inspect
 import json
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -91,6 +95,8 @@ class WorkerSettings:
             ``{"lock_duration_ms": "5000"}`` for BullMQ; each backend documents its keys.
         track_status: keep per-booking status for the booking service (``labkit.status``): workers
             record every transition and step, producers keep what the status API reads. Off, it costs nothing.
+        handler: ``module:function`` or ``path/to/file.py:function``, a payment step of someone else's (an
+            exercise's learner code) run in place of the built-in charge: see :func:`load_payment_step`.
     """
 
     concurrency: int = 1
@@ -102,6 +108,7 @@ class WorkerSettings:
     cpu_ms: float = 0.0
     options: dict[str, str] = field(default_factory=dict)
     track_status: bool = False
+    handler: str = ""
 
     def option(self, key: str, default: float) -> float:
         """A numeric backend option, or ``default`` when not given."""
@@ -114,6 +121,65 @@ class WorkerSettings:
 
 class PaymentFailed(Exception):
     """The payment step failed; transient unless the booking is poison."""
+
+
+@dataclass
+class PaymentContext:
+    """What a payment step of someone else's (:attr:`WorkerSettings.handler`) gets besides the booking.
+
+    Args:
+        booking: the booking being processed.
+        attempt: 1 for the first delivery.
+        redis: this worker's Redis connection (redis-py asyncio), for a step's own guards.
+        ledger: the bookkeeping, for :meth:`key` and :meth:`charge`.
+    """
+
+    booking: Booking
+    attempt: int
+    redis: Redis
+    ledger: Ledger
+
+    def key(self, *parts: str) -> str:
+        """A Redis key in this backend's namespace (``lab:<ns><backend>:<parts>``), deleted by ``reset``."""
+        return self.ledger.key("step", *parts)
+
+    async def charge(self) -> None:
+        """Charge the card once more: the real effect, counted per booking in ``lab:<ns><backend>:payments``."""
+        await self.ledger.apply_effect("payments", self.booking.booking_id, self.booking.booking_id, 1, False)
+
+
+PaymentStep = Callable[[PaymentContext], object]
+
+
+def load_payment_step(spec: str) -> PaymentStep:
+    """Import ``module:function`` (or ``file.py:function``): the payment step a worker runs instead of its own.
+
+    The function takes a :class:`PaymentContext` and may be a coroutine function or a plain one; a plain one
+    runs on the worker's event loop, so a ``time.sleep`` in it blocks the worker exactly as it would in
+    production code. Raises ValueError with a readable reason when the spec does not name a function.
+    """
+    module_name, sep, attribute = spec.rpartition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"handler {spec!r} is not module:function or file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            loader_spec = importlib.util.spec_from_file_location(f"labkit_step_{path.stem}", path)
+            if loader_spec is None or loader_spec.loader is None or not path.is_file():
+                raise ValueError(f"handler file {module_name} not found")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[loader_spec.name] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any import failure of foreign code is a bad argument
+        raise ValueError(f"handler {spec!r} could not be loaded: {type(e).__name__}: {e}") from None
+    step = getattr(module, attribute, None)
+    if not callable(step):
+        raise ValueError(f"handler {spec!r}: {module_name} has no function {attribute!r}")
+    return step  # type: ignore[no-any-return]
 
 
 # Apply an effect once per booking (idempotent) or every time; count every application.
@@ -265,6 +331,8 @@ class BookingHandler:
         settings: the worker settings.
         run_dir: the run folder, for confirmation files and the outbox.
         status: records each booking's transitions for the booking service; None (the default) records nothing.
+        payment_step: charges the card instead of the built-in charge (:func:`load_payment_step`); an exception
+            it raises is a failed payment, logged with ``handler_error``.
     """
 
     ledger: Ledger
@@ -272,6 +340,7 @@ class BookingHandler:
     settings: WorkerSettings
     run_dir: Path
     status: StatusRecorder | None = None
+    payment_step: PaymentStep | None = None
     in_flight: int = 0
     _dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -338,7 +407,7 @@ class BookingHandler:
             raise PaymentFailed("card declined: poison booking fails every attempt")
         if attempt <= booking.fault.fail_times:
             raise PaymentFailed(f"payment gateway timeout (injected: attempt {attempt} of {booking.fault.fail_times})")
-        await self.ledger.apply_effect("payments", booking.booking_id, booking.booking_id, 1, settings.idempotent)
+        await self._charge(booking, attempt)
         if run is not None:
             await run.step("write_confirmation")
         await self._step()
@@ -351,6 +420,20 @@ class BookingHandler:
             await run.step("update_inventory")
         await self._step()
         await self.ledger.apply_effect("inventory", booking.booking_id, booking.hotel_id, 1, settings.idempotent)
+
+    async def _charge(self, booking: Booking, attempt: int) -> None:
+        if self.payment_step is None:
+            idempotent = self.settings.idempotent
+            await self.ledger.apply_effect("payments", booking.booking_id, booking.booking_id, 1, idempotent)
+            return
+        try:
+            result = self.payment_step(PaymentContext(booking, attempt, self.ledger.redis, self.ledger))
+            if inspect.isawaitable(result):
+                await result
+        except Exception as e:  # noqa: BLE001 - foreign code: its error is this booking's failure, not the worker's
+            error = f"{type(e).__name__}: {e}"
+            self.events.emit("handler_error", booking_id=booking.booking_id, error=error, attempt=attempt)
+            raise PaymentFailed(f"payment step raised {error}") from e
 
     async def _step(self) -> None:
         if self.settings.step_ms:

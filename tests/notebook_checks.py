@@ -54,6 +54,15 @@ def lesson_notebooks() -> list[Path]:
     return sorted(NOTEBOOKS.glob("[0-9][0-9]-*.ipynb"))
 
 
+def exercise_notebooks() -> list[Path]:
+    """notebooks/exercises/NN-*.ipynb, in order: one per lesson 01-08."""
+    return sorted((NOTEBOOKS / "exercises").glob("[0-9][0-9]-*.ipynb"))
+
+
+#: The tag of an exercise notebook's check cells (``ex.q1.check(answer_q1)``): their outcome is judged live.
+EXERCISE_CHECK_TAG = "exercise-check"
+
+
 def is_check(cell: NotebookNode) -> bool:
     return cell.cell_type == "code" and CHECK_TAG in cell.get("metadata", {}).get("tags", [])
 

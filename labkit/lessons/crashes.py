@@ -183,10 +183,12 @@ def crash_settings(
     lock_duration_ms: int,
     stalled_interval_ms: int,
     claim_idle_ms: int,
+    handler: str = "",
 ) -> WorkerSettings:
     """The lesson's worker settings for ``backend``; each backend gets only its own recovery knob.
 
-    Streams' claim idle time is its ``backoff_ms`` (the same number is its retry delay).
+    Streams' claim idle time is its ``backoff_ms`` (the same number is its retry delay). ``handler`` is a
+    payment step to run instead of the built-in one (``labkit worker --handler``; the exercises' learner code).
     """
     options: dict[str, str] = {}
     backoff_ms = 200
@@ -195,7 +197,12 @@ def crash_settings(
     elif backend == "streams":
         backoff_ms = claim_idle_ms
     return WorkerSettings(
-        concurrency=CONCURRENCY, idempotent=idempotent, step_ms=step_ms, backoff_ms=backoff_ms, options=options
+        concurrency=CONCURRENCY,
+        idempotent=idempotent,
+        step_ms=step_ms,
+        backoff_ms=backoff_ms,
+        options=options,
+        handler=handler,
     )
 
 
@@ -211,6 +218,7 @@ def kill_after_payment(
     seed: int = 7,
     timeout: float = 120,
     progress: bool = True,
+    handler: str = "",
 ) -> CrashRun:
     """Crash one worker per backend after a booking's payment and before its ack, and record the recovery.
 
@@ -230,6 +238,7 @@ def kill_after_payment(
         seed: the bookings' seed.
         timeout: seconds to wait for the kills and then for every backend to drain.
         progress: show a tqdm bar of settled bookings.
+        handler: a payment step to run instead of the built-in charge (``labkit worker --handler``).
 
     Raises:
         TimeoutError: a victim's payment never showed, or a backend did not drain in time.
@@ -243,7 +252,7 @@ def kill_after_payment(
     victim, resent = sent[0], sent[-1]
     run_dir = new_run("crash-idempotent" if idempotent else "crash-not-idempotent", config)
     settings = {
-        b: crash_settings(b, idempotent, step_ms, lock_duration_ms, stalled_interval_ms, claim_idle_ms)
+        b: crash_settings(b, idempotent, step_ms, lock_duration_ms, stalled_interval_ms, claim_idle_ms, handler)
         for b in backends
     }
     for backend in backends:

@@ -42,11 +42,13 @@ from typing import Any
 import nbformat
 import pytest
 from notebook_checks import (
+    EXERCISE_CHECK_TAG,
     NBVAL_TAG,
     NOTEBOOKS,
     ci_copy,
     ci_parameters,
     conclusion_problems,
+    exercise_notebooks,
     is_check,
     lesson_notebooks,
     processes_with,
@@ -124,6 +126,47 @@ def test_lesson_runs_once_and_its_checks_hold(source: Path, lab_stack: Any, tmp_
     assert not [p for c in checks for p in conclusion_problems(c)], [c.outputs for c in checks]
     assert source.read_bytes() == committed, "the run changed the committed notebook"
     assert [p.name for p in NOTEBOOKS.glob(f"{source.stem}*")] == [source.name], "a run must write nothing there"
+
+
+# -- the exercise notebooks -------------------------------------------------------------------------
+
+
+def exercise_outcomes(executed: Path) -> list[str]:
+    """What each exercise check cell of an executed notebook showed (its markdown outcome)."""
+    shown = []
+    for cell in nbformat.read(executed, as_version=4).cells:
+        if EXERCISE_CHECK_TAG in cell.get("metadata", {}).get("tags", []):
+            shown.append("".join(o.get("data", {}).get("text/markdown", "") for o in cell.get("outputs", [])))
+    return shown
+
+
+@pytest.mark.integration
+@pytest.mark.redis
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+@pytest.mark.parametrize("source", exercise_notebooks(), ids=lambda p: p.stem)
+def test_exercise_notebook_runs_as_shipped_and_every_check_is_not_attempted(
+    source: Path, lab_stack: Any, tmp_path: Path
+) -> None:
+    result, executed, elapsed = run_nbval(ci_copy(source, tmp_path / source.name, {}), tmp_path)
+
+    assert result.returncode == 0, f"nbval failed on {source.name} (executed copy: {executed}):\n{result.stdout}"
+    print(f"exercises/{source.stem}: {elapsed:.1f} s")
+    outcomes = exercise_outcomes(executed)
+    assert outcomes and all(": Not attempted.**" in o for o in outcomes), outcomes
+
+
+@pytest.mark.integration
+@pytest.mark.redis
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_an_exercise_notebook_with_the_reference_answers_is_all_correct(lab_stack: Any, tmp_path: Path) -> None:
+    """Exercise 01 (its checks take well under a second): the REFERENCE_ANSWERS parameter as CI would set it."""
+    source = exercise_notebooks()[0]
+    copy = ci_copy(source, tmp_path / source.name, {"REFERENCE_ANSWERS": True})
+    result, executed, _ = run_nbval(copy, tmp_path)
+
+    assert result.returncode == 0, result.stdout
+    outcomes = exercise_outcomes(executed)
+    assert outcomes and all(": Correct.**" in o for o in outcomes), outcomes
 
 
 # -- the checks can fail ------------------------------------------------------------------------------

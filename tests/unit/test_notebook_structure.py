@@ -19,10 +19,12 @@ import pytest
 from nbformat import NotebookNode
 from notebook_checks import (
     CHECK_TAG,
+    EXERCISE_CHECK_TAG,
     NBVAL_TAG,
     PARAMETERS_TAG,
     ci_parameters,
     conclusion_problems,
+    exercise_notebooks,
     is_check,
     lesson_notebooks,
 )
@@ -148,3 +150,56 @@ def test_ends_with_checks_then_summary_then_try_this(path: Path) -> None:
     assert "## Try this" in found and found["## Try this"] > found["## Summary"], "'## Try this' after the Summary"
     last_check = max(i for i, cell in enumerate(notebook.cells) if is_check(cell))
     assert last_check < found["## Summary"][0], "the check cells come before the Summary"
+
+
+# -- the exercise notebooks: the same rules, with questions for check cells --------------------------
+
+EXERCISES = exercise_notebooks()
+exercise = pytest.mark.parametrize("path", EXERCISES, ids=[p.stem for p in EXERCISES])
+
+
+def test_there_is_an_exercise_notebook_per_lesson_01_to_08() -> None:
+    assert [p.name[:2] for p in EXERCISES] == [f"{n:02d}" for n in range(1, 9)]
+
+
+@exercise
+def test_exercise_opens_with_a_title_that_links_its_lesson(path: Path) -> None:
+    first = read(path).cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# "), "the first cell is the H1"
+    [lesson] = [p for p in LESSONS if p.name[:2] == path.name[:2]]
+    assert f"](../{lesson.name})" in first.source, f"the opening paragraph links {lesson.name}"
+    assert read(path).metadata["kernelspec"]["name"] == "python3"
+
+
+@exercise
+def test_exercise_setup_parameters_and_ready(path: Path) -> None:
+    cells = code_cells(read(path))
+    assert all(isinstance(s, ast.Import | ast.ImportFrom) for s in parse(cells[0].source).body), cells[0].source
+    assert f"from labkit.exercises import ex{path.name[:2]} as ex" in cells[0].source
+    assert PARAMETERS_TAG in tags(cells[1]) and not any(PARAMETERS_TAG in tags(c) for c in cells[2:])
+    assert "REFERENCE_ANSWERS" in cells[1].source
+    assert "ex.ready(reference_answers=REFERENCE_ANSWERS)" in cells[2].source
+
+
+@exercise
+def test_exercise_cells_are_short_with_no_stored_output_and_pools_in_with(path: Path) -> None:
+    for cell in code_cells(read(path)):
+        assert len(cell.source.strip().splitlines()) <= MAX_CODE_LINES, cell.source
+        assert cell.get("outputs") == [] and cell.get("execution_count") is None, f"stored output: {cell.source!r}"
+        assert "WorkerPool" not in cell.source, "an exercise's experiments run inside its checks"
+
+
+@exercise
+def test_every_question_has_a_placeholder_and_a_check_before_the_summary(path: Path) -> None:
+    import importlib
+
+    module = importlib.import_module(f"labkit.exercises.ex{path.name[:2]}")
+    questions = sorted(n for n in dir(module) if re.fullmatch(r"q\d+", n))
+    notebook = read(path)
+    found = headings(notebook)
+    checks = [(i, c) for i, c in enumerate(notebook.cells) if EXERCISE_CHECK_TAG in tags(c)]
+    assert [re.match(r"ex\.(q\d+)\.check\(", c.source).group(1) for _, c in checks] == questions  # type: ignore[union-attr]
+    for i, _ in checks:
+        assert "____" in notebook.cells[i - 2].source, f"the answer cell before check {i} has the placeholder"
+    assert "## Summary" in found and "## Try this" in found and found["## Try this"] > found["## Summary"]
+    assert max(i for i, _ in checks) < found["## Summary"][0]
