@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from labkit.liveview import panel_html
 from labkit.sampler import SHOWN, STATES, WORDS, Sample, bullmq_sample, kafka_sample, streams_sample, with_throughput
 
 ANSWERS: dict[str, Any] = json.loads((Path(__file__).parent / "sampler_answers.json").read_text())
@@ -95,3 +96,13 @@ def test_throughput_is_completed_bookings_per_second_since_the_previous_good_sam
     failed = Sample(backend="bullmq", at=before.at + 3, ok=False, error="down")
     assert with_throughput(failed, before).throughput is None
     assert with_throughput(after, failed).throughput is None
+
+
+def test_a_notebook_panel_shows_the_words_and_greys_out_after_three_missed_samples() -> None:
+    sample = sample_of("kafka")
+    fresh = panel_html("kafka", sample, sample, 1.0, now=sample.at + 1)
+    assert "consumer lag" in fresh and "bookings/2" in fresh and "opacity" not in fresh.split(">")[0]
+    assert DEAD_REASON in fresh
+    down = Sample(backend="kafka", at=sample.at + 5, ok=False, error="Kafka is not answering")
+    stale = panel_html("kafka", sample, down, 1.0, now=sample.at + 5)
+    assert stale.startswith("<div style='opacity:0.45'>") and "Kafka is not answering" in stale

@@ -89,3 +89,27 @@ def test_sampler_reports_a_broker_that_does_not_answer(lab_config: Config) -> No
     samples = asyncio.run(run())
     assert samples and not samples[0].ok
     assert "Redis is not answering" in (samples[0].error or "")
+
+
+def test_notebook_view_updates_its_widgets_from_the_background_thread(lab_config: Config) -> None:
+    from labkit.liveview import LiveView
+
+    waiting_one = "<tr><td>waiting</td><td>1</td>"
+    with LiveView(lab_config, live=True, every_s=0.5) as view:
+        streams = view._panels["streams"]
+
+        def shown(text: str) -> bool:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and text not in streams.value:
+                time.sleep(0.1)
+            return text in streams.value
+
+        assert shown("<tr><td>waiting</td><td>0</td>")
+        lab.produce("streams", [BookingGenerator(seed=3).bookings(1)[0]], lab_config)  # no worker: it waits
+        assert shown(waiting_one), streams.value
+        assert bytes(view._chart.value).startswith(b"\x89PNG")
+    assert view._updater is None
+    static = LiveView(lab_config, live=False, every_s=0.5).start()
+    static.wait_for_samples()
+    static.stop()
+    assert static.widget is None and "consumer lag" in static.snapshot_html()
