@@ -2,10 +2,10 @@
 
 Live (``live=True``), the view is built once from ipywidgets and a task on the lab's helper loop thread sets the
 widgets' values after each sample (never writing into an Output widget from a thread, which loses output).
-Under papermill and nbval there is no front end to draw widgets, so a lesson passes its ``LIVE`` parameter and,
-with ``live=False``, the view shows a static snapshot instead: plain HTML tables and a PNG of the charts, the same
-in an executed copy as on screen. One view per kernel: starting another stops the one before; ``stop()``, the
-context manager and interpreter exit stop it.
+Under papermill and nbval there is no front end to draw widgets, so a lesson passes its ``LIVE`` parameter: with
+``live=False`` the view only samples, and ``snapshot()`` after the experiment shows what it saw as plain HTML
+tables and a PNG of the charts, the same in an executed copy as on screen (in both modes). One view per kernel:
+starting another stops the one before; ``stop()``, the context manager and interpreter exit stop it.
 """
 
 from __future__ import annotations
@@ -163,15 +163,23 @@ class LiveView:
         latest = self.sampler.latest(name)
         return panel_html(name, self.sampler.last_good(name), latest, self.sampler.every_s, now)
 
-    def _ipython_display_(self) -> None:
+    def snapshot(self) -> None:
+        """Stop, then show the panels and the charts as they are now, as plain HTML and a PNG: what an executed
+        notebook keeps, widgets or not (a saved widget does not draw without its kernel)."""
         from IPython.display import HTML, Image, display
+
+        self.wait_for_samples()
+        self.stop()
+        display(HTML(self.snapshot_html()))
+        display(Image(charts_png(self.sampler)))
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
 
         if self.live and self.widget is not None:
             display(self.widget)
-            return
-        self.wait_for_samples()
-        display(HTML(self.snapshot_html()))
-        display(Image(charts_png(self.sampler)))
+        else:
+            print(f"sampling {', '.join(self.sampler.backends)} in the background; .snapshot() shows what it saw")
 
     def _build(self) -> None:
         import ipywidgets as widgets
@@ -203,7 +211,8 @@ class LiveView:
 def dashboard(config: Config | None = None, live: bool = True, backends: Sequence[str] = BACKENDS) -> LiveView:
     """Show the three queues live in the notebook (``live=False``: a static snapshot); see :class:`LiveView`.
 
-    Put it at the end of a cell (or ``display`` it); ``.stop()`` stops it, and the next ``dashboard()`` does too.
+    Put it at the end of a cell (or ``display`` it); ``.snapshot()`` stops it and shows what it saw as HTML and a
+    PNG, ``.stop()`` only stops it; the next ``dashboard()`` stops it too.
     """
     return LiveView(config, live, backends).start()
 
