@@ -10,6 +10,7 @@ from labkit.config import Config
 from labkit.errors import BackendError, BadMessage, BrokerUnavailable, ConfigError, LabkitError, StackError
 from labkit.events import load_run
 from labkit.lab import dead_letters, new_run, produce, reset, run, setup, stats, stats_frame, status_frame
+from labkit.liveview import dashboard
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
 
@@ -29,6 +30,7 @@ __all__ = [
     "StackError",
     "WorkerPool",
     "WorkerSettings",
+    "dashboard",
     "dead_letters",
     "get_backend",
     "load_run",

@@ -8,6 +8,10 @@ Which Kafka-protocol broker the stack runs is ``--kafka`` (or ``LABKIT_KAFKA``):
 the whole suite runs) or ``apache`` (Apache Kafka; only the Kafka part runs, i.e. tests marked ``kafka`` that do not
 stand for another backend, so that the README's second command adds what the first cannot measure). Tests marked
 ``apache_kafka`` need Apache Kafka itself and run only then: they are deselected, not skipped, on the embedded broker.
+
+Tests marked ``browser`` drive the dashboard in a real headless Chromium (Debian's ``chromium`` with Playwright for
+Python, the ``browser`` extra): they run only with ``--browser`` (whichever broker), and are deselected without it,
+so that the first README command keeps passing on a machine with nothing but Python.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the Kafka-protocol broker of the test stack: embedded (Tansu, the whole suite) or apache "
         "(Apache Kafka from its jars: only the Kafka part of the suite) [default: $LABKIT_KAFKA or embedded]",
     )
+    parser.addoption(
+        "--browser",
+        action="store_true",
+        default=False,
+        help="also run the dashboard's tests in headless Chromium (needs `apt-get install chromium` and the "
+        "`browser` extra); deselected without it",
+    )
 
 
 def kafka_broker(config: pytest.Config) -> str:
@@ -67,9 +78,12 @@ def _stands_for_another_backend(item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect what the chosen broker does not run (see the module docstring): deselected, never skipped."""
     apache = kafka_broker(config) == "apache"
+    browser = bool(config.getoption("--browser"))
     keep, drop = [], []
     for item in items:
-        if apache:
+        if item.get_closest_marker("browser") is not None:
+            wanted = browser
+        elif apache:
             wanted = item.get_closest_marker("kafka") is not None and not _stands_for_another_backend(item)
         else:
             wanted = item.get_closest_marker("apache_kafka") is None

@@ -8,20 +8,24 @@ purpose, and the API is fuzzed against its own OpenAPI document to keep it so.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from labkit.booking import MAX_MESSAGE_BYTES
-from labkit.config import Config
+from labkit.config import BACKENDS, Config
 from labkit.errors import LabkitError
-from labkit.service import bookings, deadletters, stats
+from labkit.pool import WorkerPool
+from labkit.sampler import Sampler
+from labkit.service import bookings, dashboard, deadletters, stats
 from labkit.service.guard import BodyGuard
 from labkit.service.links import Links
 from labkit.workflow import WorkerSettings
@@ -69,21 +73,29 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=503)
 
 
-def create_app(config: Config, settings: WorkerSettings | None = None) -> FastAPI:
+def create_app(
+    config: Config, settings: WorkerSettings | None = None, pools: Mapping[str, WorkerPool] | None = None
+) -> FastAPI:
     """The booking service on the lab ``config``.
 
     Args:
         config: the lab's addresses and namespace.
         settings: the workers' settings, which producers share (retry policy); ``track_status`` is forced on.
+        pools: the service's own worker pools by backend, which the dashboard's "+1 / -1 worker" scales
+            (None: the dashboard cannot scale).
     """
     producer = dataclasses.replace(settings or WorkerSettings(), track_status=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.links = Links(config, producer)
+        app.state.sampler = Sampler(config)
+        app.state.scale_locks = {name: asyncio.Lock() for name in BACKENDS}
+        await app.state.sampler.start()
         try:
             yield
         finally:
+            await app.state.sampler.stop()
             await app.state.links.close()
 
     app = FastAPI(
@@ -93,9 +105,13 @@ def create_app(config: Config, settings: WorkerSettings | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.pools = dict(pools) if pools is not None else None
+    app.state.exiting = lambda: False  # `labkit serve` points it at uvicorn's, so that event streams end on a stop
     app.include_router(bookings.router)
     app.include_router(stats.router)
     app.include_router(deadletters.router)
+    app.include_router(dashboard.router)
+    app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC), name="dashboard-static")
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(LabkitError, _unavailable)

@@ -107,14 +107,14 @@ def serve(
         for pool in pools:
             names = ", ".join(w.worker_id for w in pool.workers) or "none: run your own with --track-status"
             click.echo(f"{pool.backend:<8} workers: {names}")
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(config, settings), log_level="warning", access_log=access_log, lifespan="on")
-        )
+        app = create_app(config, settings, {pool.backend: pool for pool in pools})
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="on"))
+        app.state.exiting = lambda: server.should_exit  # an open dashboard's event stream ends, so the stop goes on
         # uvicorn handles SIGINT and SIGTERM while it serves; SIGHUP (the terminal closed) stops it the same way.
         signal.signal(signal.SIGHUP, lambda signum, frame: server.handle_exit(signal.SIGTERM, frame))
         click.echo(
-            f"serving the booking service on http://{host}:{port} (API docs at /docs); run folder {run_dir}; "
-            "Ctrl-C stops it and its workers"
+            f"serving the booking service on http://{host}:{port} (API docs at /docs, live view at /dashboard); "
+            f"run folder {run_dir}; Ctrl-C stops it and its workers"
         )
         server.run(sockets=[sock])
     except (_Stop, KeyboardInterrupt):

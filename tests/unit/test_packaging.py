@@ -44,11 +44,22 @@ def _fenced_command(marker: str) -> str:
 
 
 def test_ci_runs_the_readme_test_commands() -> None:
+    """The README's two test commands, word for word; before them only the system packages the README names."""
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     commands = [
         line for line in ci if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))
     ]
-    assert commands == [_fenced_command("test-command"), _fenced_command("test-command-apache")]
+    packages = [line for line in commands if line.startswith("apt-get install ")]
+    assert commands == [*packages, _fenced_command("test-command"), _fenced_command("test-command-apache")]
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{line}`" in readme for line in packages), packages
+
+
+def test_the_browser_extra_is_what_the_second_test_command_installs() -> None:
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert _name(extras["browser"][0]) == "playwright"
+    assert '".[test,browser]"' in _fenced_command("test-command-apache")
+    assert "service/static/*" in _pyproject()["tool"]["setuptools"]["package-data"]["labkit"]
 
 
 def test_readme_lab_command_uses_the_console_entry() -> None:

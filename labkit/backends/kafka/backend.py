@@ -18,6 +18,7 @@ due later waits for it (Kafka users' answer: one delay topic per delay level).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from labkit.backends.base import Message as Outgoing
 from labkit.backends.kafka import quirks
 from labkit.backends.kafka.admin import TopicAdmin
 from labkit.backends.kafka.lag import group_lag, read_topic
-from labkit.backends.kafka.member import CURRENT_KEY, GroupMember
+from labkit.backends.kafka.member import CURRENT_KEY, INFLIGHT_TTL_S, GroupMember
 from labkit.backends.kafka.producer import RecordProducer
 from labkit.backends.kafka.records import Headers, Send, fetch, header_int
 from labkit.backends.kafka.settings import DEFAULT_PARTITIONS, DLQ_PARTITIONS, client_config, group_consumer_config
@@ -277,11 +278,9 @@ class KafkaBackend(Backend):
             [names.topic, names.topic_retry, names.topic_delay],
             self.config.kafka_bootstrap,
         )
-        running = prefetched = 0
-        async for key in self.redis.scan_iter(match=self.ledger.key("inflight", "*"), count=100):
-            counts = await self.redis.hgetall(key)
-            running += int(counts.get(b"running", 0))
-            prefetched += int(counts.get(b"buffered", 0))
+        reports = (await self.worker_reports()).values()
+        running = sum(r["running"] for r in reports)
+        prefetched = sum(r["buffered"] for r in reports)
         delayed = sum(n for where, n in lag.items() if where.startswith(f"{names.topic_delay}/"))
         return {
             "backlog": sum(lag.values()),
@@ -294,8 +293,33 @@ class KafkaBackend(Backend):
     async def live_workers(self) -> list[str]:
         """Workers whose in-flight report in Redis is fresh (each refreshes it every second; it expires 5 s
         after the worker dies): the embedded broker's describe-group answer lists no members."""
+        return sorted(await self.worker_reports())
+
+    async def worker_reports(self) -> dict[str, dict[str, Any]]:
+        """Each live worker's own report (``lab:<ns>kafka:inflight:<worker>``, refreshed every second):
+        ``running`` and ``buffered`` records, its ``assigned`` partitions (``topic/partition``) and
+        ``reported_ago_s``, how long ago it last refreshed the report (from the key's remaining time to live).
+        """
         prefix = self.ledger.key("inflight", "")
-        return sorted([_text(key)[len(prefix) :] async for key in self.redis.scan_iter(match=f"{prefix}*", count=100)])
+        keys = [key async for key in self.redis.scan_iter(match=f"{prefix}*", count=100)]
+        if not keys:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+                pipe.pttl(key)
+            answers = await pipe.execute()
+        reports = {}
+        for key, values, ttl_ms in zip(keys, answers[::2], answers[1::2], strict=True):
+            if not values:  # expired between the scan and the read
+                continue
+            reports[_text(key)[len(prefix) :]] = {
+                "running": int(values.get(b"running", 0)),
+                "buffered": int(values.get(b"buffered", 0)),
+                "assigned": json.loads(values.get(b"assigned", b"[]")),
+                "reported_ago_s": max(INFLIGHT_TTL_S - max(ttl_ms, 0) / 1000, 0.0),
+            }
+        return reports
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,358 @@
+"""One sampler for the live views: each backend read about once a second into a ring buffer (about 10 minutes).
+
+The dashboard of ``labkit serve`` (and any other viewer) reads the buffer, never the brokers, so the load on the
+brokers does not grow with the number of viewers. Every sample has the same names on every backend, and
+:data:`WORDS` gives each system's own word beside each name, because the three systems count different things:
+
+- ``waiting``: BullMQ's ``wait`` list; the Streams group's lag (entries never delivered); the Kafka group's
+  lag over the work and retry topics (which counts what is in flight too: Kafka knows only committed offsets).
+- ``delayed``: BullMQ's ``delayed`` set (backoffs too); the lab's ``bookings:delayed`` sorted set; the lag of
+  the ``bookings.delay`` topic. ``prioritized`` is BullMQ's alone.
+- ``active``: BullMQ's ``active`` list; the Streams pending entries list (delivered, not acknowledged); the
+  records the Kafka workers report running.
+- ``completed`` and ``failed``: the lab's ledger (completed bookings, dead letters), the same on every backend.
+
+A sample is built from the backends' own read methods (``Ledger.counts``, ``queue_depths``, ``dead_letters``,
+``live_workers``' sources) by the pure functions :func:`bullmq_sample`, :func:`streams_sample` and
+:func:`kafka_sample`, so that a recorded broker answer can be replayed in a unit test. A backend whose broker
+does not answer gives a sample with ``ok`` False and its ``error``: a viewer keeps the last good one on screen
+and says how old it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from labkit.backends import Backend, get_backend
+from labkit.config import BACKENDS, Config
+from labkit.errors import LabkitError
+
+#: The state names every sample has, in a booking's order.
+STATES = ("waiting", "delayed", "prioritized", "active", "completed", "failed")
+#: Each system's own word for each state (None: the system has no such state).
+WORDS: dict[str, dict[str, str | None]] = {
+    "bullmq": {
+        "waiting": "wait", "delayed": "delayed", "prioritized": "prioritized", "active": "active",
+        "completed": "completed (ledger)", "failed": "dead letters in bookings-dlq",
+    },
+    "streams": {
+        "waiting": "group lag", "delayed": "bookings:delayed (sorted set)", "prioritized": None,
+        "active": "pending (PEL)", "completed": "acknowledged (ledger)", "failed": "dead letters in bookings:dlq",
+    },
+    "kafka": {
+        "waiting": "consumer lag", "delayed": "bookings.delay lag", "prioritized": None,
+        "active": "running (worker reports)", "completed": "committed (ledger)",
+        "failed": "dead letters in bookings.dlq",
+    },
+}  # fmt: skip
+#: What each system calls a worker, the things it waits in and what tells the sampler a worker is alive.
+TERMS = {
+    "bullmq": {"worker": "worker (Redis connection)", "alive": "named connection in CLIENT LIST; last seen = its idle"},
+    "streams": {"worker": "consumer", "alive": "XINFO CONSUMERS idle under 10 s"},
+    "kafka": {"worker": "group member", "alive": "its in-flight report in Redis, refreshed every second"},
+}
+#: Seconds between two samples of one backend, and how many samples the buffer keeps (10 minutes).
+EVERY_S = 1.0
+KEEP = 600
+#: Most pending entries and dead letters a sample carries (the newest); counts cover all of them.
+SHOWN = 20
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One backend at one moment, in the names every backend shares.
+
+    Attributes:
+        backend: ``bullmq``, ``streams`` or ``kafka``.
+        at: Unix time the sample was taken.
+        ok: False when the broker did not answer (``error`` says why; the other fields are empty).
+        states: a count per :data:`STATES` name (None where the system has no such state).
+        counters: the ledger's counters (``completed``, ``dead_lettered``, ``retried``, ``duplicates``, ``runs``).
+        throughput: bookings completed per second since the previous good sample (None for the first).
+        backlog: not yet delivered (the broker's own ``queue_depths`` view).
+        in_flight: delivered, not yet acknowledged.
+        workers: ``{"id", "last_seen", "detail"}`` per live worker.
+        partitions: Kafka only: ``{"partition", "lag", "owner"}`` per partition of the work, retry and delay topics.
+        consumers: Streams only: ``{"name", "pending", "idle_ms"}`` per consumer of the group.
+        pending: Streams only: the pending entries list (oldest first, at most :data:`SHOWN`):
+            ``{"id", "consumer", "idle_ms", "deliveries"}``.
+        dead_letters: the newest dead letters (at most :data:`SHOWN`): ``{"booking_id", "reason", "attempts",
+            "source"}``; ``dead_letter_count`` counts them all.
+        error: why the broker did not answer.
+    """
+
+    backend: str
+    at: float
+    ok: bool = True
+    states: dict[str, int | None] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    throughput: float | None = None
+    backlog: int | None = None
+    in_flight: int | None = None
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    partitions: list[dict[str, Any]] = field(default_factory=list)
+    consumers: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    dead_letter_count: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _letters(letters: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    keep = ("booking_id", "reason", "attempts", "source")
+    return [{k: letter.get(k) for k in keep} for letter in list(letters)[-SHOWN:]]
+
+
+def _common(
+    backend: str, at: float, counts: Mapping[str, int], depths: Mapping[str, Any], letters: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "at": at,
+        "counters": dict(counts),
+        "backlog": depths.get("backlog"),
+        "in_flight": depths.get("in_flight"),
+        "dead_letters": _letters(letters),
+        "dead_letter_count": len(letters),
+    }
+
+
+def bullmq_sample(
+    at: float,
+    counts: Mapping[str, int],
+    depths: Mapping[str, Any],
+    clients: Iterable[Mapping[str, Any]],
+    letters: Sequence[Mapping[str, Any]],
+) -> Sample:
+    """A BullMQ sample from ``Ledger.counts()``, ``queue_depths()``, ``Queue.get_workers()`` (parsed CLIENT LIST
+    entries: ``rawname`` ``bull:<queue>:w:<worker>``, ``idle`` in seconds) and ``dead_letters()``."""
+    own = depths.get("states", {})
+    states = {name: own.get(name, 0) for name in ("waiting", "delayed", "prioritized", "active")}
+    states.update(completed=counts.get("completed", 0), failed=counts.get("dead_lettered", 0))
+    seen: dict[str, float] = {}
+    for client in clients:
+        worker = str(client.get("rawname", "")).partition(":w:")[2]
+        if worker:  # a worker has several connections: the most recent one counts
+            seen[worker] = max(seen.get(worker, 0.0), at - float(client.get("idle", 0)))
+    workers = [{"id": w, "last_seen": t, "detail": "connected"} for w, t in sorted(seen.items())]
+    return Sample(**_common("bullmq", at, counts, depths, letters), states=states, workers=workers)
+
+
+def streams_sample(
+    at: float,
+    counts: Mapping[str, int],
+    depths: Mapping[str, Any],
+    consumers: Iterable[Mapping[str, Any]],
+    pending: Iterable[Mapping[str, Any]],
+    letters: Sequence[Mapping[str, Any]],
+    live_idle_ms: int,
+) -> Sample:
+    """A Streams sample from ``Ledger.counts()``, ``queue_depths()``, XINFO CONSUMERS, XPENDING's extended form
+    (``message_id``, ``consumer``, ``time_since_delivered``, ``times_delivered``) and ``dead_letters()``."""
+    delayed = int(depths.get("delayed") or 0)
+    backlog = depths.get("backlog")
+    states: dict[str, int | None] = {
+        "waiting": None if backlog is None else backlog - delayed,
+        "delayed": delayed,
+        "prioritized": None,
+        "active": depths.get("in_flight"),
+        "completed": counts.get("completed", 0),
+        "failed": counts.get("dead_lettered", 0),
+    }
+    group = [{"name": _text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])} for c in consumers]
+    workers = [
+        {"id": c["name"], "last_seen": at - c["idle_ms"] / 1000, "detail": f"{c['pending']} pending"}
+        for c in group
+        if c["idle_ms"] < live_idle_ms
+    ]
+    entries = [
+        {"id": _text(e["message_id"]), "consumer": _text(e["consumer"]), "idle_ms": int(e["time_since_delivered"]),
+         "deliveries": int(e["times_delivered"])}
+        for e in pending
+    ]  # fmt: skip
+    return Sample(
+        **_common("streams", at, counts, depths, letters),
+        states=states,
+        workers=workers,
+        consumers=group,
+        pending=entries,
+    )
+
+
+def kafka_sample(
+    at: float,
+    counts: Mapping[str, int],
+    depths: Mapping[str, Any],
+    reports: Mapping[str, Mapping[str, Any]],
+    letters: Sequence[Mapping[str, Any]],
+) -> Sample:
+    """A Kafka sample from ``Ledger.counts()``, ``queue_depths()`` (``lag`` per ``topic/partition``),
+    ``KafkaBackend.worker_reports()`` (each member's assignment and how long ago it reported) and
+    ``dead_letters()``."""
+    delayed = int(depths.get("delayed") or 0)
+    backlog = depths.get("backlog")
+    states: dict[str, int | None] = {
+        "waiting": None if backlog is None else backlog - delayed,
+        "delayed": delayed,
+        "prioritized": None,
+        "active": depths.get("in_flight"),
+        "completed": counts.get("completed", 0),
+        "failed": counts.get("dead_lettered", 0),
+    }
+    owners = {p: worker for worker, report in reports.items() for p in report.get("assigned", ())}
+    partitions = [
+        {"partition": p, "lag": lag, "owner": owners.get(p)}
+        for p, lag in sorted(depths.get("lag", {}).items(), key=lambda item: _partition_order(item[0]))
+    ]
+    workers = [
+        {"id": worker, "last_seen": at - float(r.get("reported_ago_s", 0)),
+         "detail": f"{len(r.get('assigned', ()))} partitions, {r.get('running', 0)} running"}
+        for worker, r in sorted(reports.items())
+    ]  # fmt: skip
+    return Sample(
+        **_common("kafka", at, counts, depths, letters), states=states, workers=workers, partitions=partitions
+    )
+
+
+def _partition_order(name: str) -> tuple[str, int]:
+    topic, _, partition = name.rpartition("/")
+    return topic, int(partition) if partition.isdigit() else -1
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def read_sample(backend: Backend) -> Sample:
+    """Ask ``backend``'s brokers now and shape the answers as a :class:`Sample` (connect first).
+
+    Raises:
+        LabkitError, RedisError, OSError: a broker did not answer.
+    """
+    at = time.time()
+    counts = await backend.ledger.counts()
+    depths = await backend.queue_depths()
+    letters = await backend.dead_letters()
+    if backend.name == "bullmq":
+        return bullmq_sample(at, counts, depths, await backend.queue.get_workers(), letters)  # type: ignore[attr-defined]
+    if backend.name == "streams":
+        from labkit.backends.streams import LIVE_IDLE_MS
+
+        names = backend.names
+        try:
+            consumers = await backend.redis.xinfo_consumers(names.stream, names.stream_group)
+            pending = await backend.redis.xpending_range(names.stream, names.stream_group, "-", "+", SHOWN)
+        except ResponseError:  # no stream or group yet
+            consumers, pending = [], []
+        return streams_sample(at, counts, depths, consumers, pending, letters, LIVE_IDLE_MS)
+    return kafka_sample(at, counts, depths, await backend.worker_reports(), letters)  # type: ignore[attr-defined]
+
+
+def with_throughput(sample: Sample, previous: Sample | None) -> Sample:
+    """``sample`` with its ``throughput``: completed bookings per second since ``previous`` (a good sample)."""
+    if not sample.ok or previous is None or not previous.ok or sample.at <= previous.at:
+        return sample
+    done = sample.counters.get("completed", 0) - previous.counters.get("completed", 0)
+    rate = max(done, 0) / (sample.at - previous.at)
+    return Sample(**{**sample.__dict__, "throughput": round(rate, 2)})
+
+
+class Sampler:
+    """Samples each backend every :data:`EVERY_S` into a ring buffer of :data:`KEEP` samples per backend.
+
+    One task per backend, so a broker that is slow or down delays only its own backend's samples. Use
+    ``async with Sampler(config):`` or ``await start()`` / ``await stop()`` inside a running event loop.
+
+    Args:
+        config: the lab (addresses and namespace).
+        every_s: seconds between two samples of one backend.
+        keep: samples kept per backend.
+        backends: which backends to sample.
+    """
+
+    def __init__(
+        self, config: Config, every_s: float = EVERY_S, keep: int = KEEP, backends: Sequence[str] = BACKENDS
+    ) -> None:
+        self.config = config
+        self.every_s = every_s
+        self.backends = tuple(backends)
+        self.buffers: dict[str, deque[Sample]] = {name: deque(maxlen=keep) for name in self.backends}
+        self.sequence = 0
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Sampler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._sample_forever(name)) for name in self.backends]
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def latest(self, backend: str) -> Sample | None:
+        """The newest sample of ``backend`` (good or not), None before the first."""
+        buffer = self.buffers[backend]
+        return buffer[-1] if buffer else None
+
+    def last_good(self, backend: str) -> Sample | None:
+        """The newest sample of ``backend`` whose broker answered."""
+        return next((s for s in reversed(self.buffers[backend]) if s.ok), None)
+
+    def history(self, backend: str) -> list[Sample]:
+        """Every sample kept for ``backend``, oldest first."""
+        return list(self.buffers[backend])
+
+    async def wait_for_new(self, seen: int, timeout: float | None = None) -> int:
+        """Wait until a sample newer than sequence number ``seen`` arrives (or ``timeout``); the current number."""
+        if self.sequence == seen:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+        return self.sequence
+
+    def _add(self, sample: Sample) -> None:
+        buffer = self.buffers[sample.backend]
+        previous = next((s for s in reversed(buffer) if s.ok), None)
+        buffer.append(with_throughput(sample, previous))
+        self.sequence += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _sample_forever(self, name: str) -> None:
+        backend = get_backend(name)(self.config)
+        try:
+            while True:
+                started = time.monotonic()
+                self._add(await self._sample(backend))
+                await asyncio.sleep(max(self.every_s - (time.monotonic() - started), 0.05))
+        finally:
+            with contextlib.suppress(LabkitError, RedisError, OSError):
+                await backend.close()
+
+    async def _sample(self, backend: Backend) -> Sample:
+        try:
+            await backend.connect()
+            return await read_sample(backend)
+        except (LabkitError, RedisError, OSError) as e:
+            return Sample(backend=backend.name, at=time.time(), ok=False, error=str(e).splitlines()[0])
