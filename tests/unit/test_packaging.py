@@ -49,7 +49,7 @@ def test_ci_runs_the_readme_test_commands() -> None:
     commands = [
         line for line in ci if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))
     ]
-    packages = [line for line in commands if line.startswith("apt-get install ")]
+    packages = [line for line in commands if line.startswith(("apt-get update ", "apt-get install "))]
     assert commands == [*packages, _fenced_command("test-command"), _fenced_command("test-command-apache")]
     readme = (ROOT / "README.md").read_text()
     assert all(f"`{line}`" in readme for line in packages), packages
