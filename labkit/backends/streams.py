@@ -58,7 +58,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from labkit.backends.base import BATCH_FETCH, Backend, BatchSink, Message, dead_letter_record, wire_text
-from labkit.booking import booking_id_of, encode
+from labkit.booking import Booking, booking_id_of, encode
 from labkit.errors import BrokerUnavailable, ConfigError
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
 
@@ -485,8 +485,13 @@ class _ConsumerRun:
 
     async def _read(self, block_ms: int) -> None:
         """New entries, never delivered before: delivery count 1. BLOCK 0 would wait forever, hence >= 1."""
-        reply = await self.redis.xreadgroup(self.group, self.me, {self.stream: ">"}, count=self.free, block=block_ms)
+        batches = self.handler.batches
+        count = BATCH_FETCH if batches else self.free
+        reply = await self.redis.xreadgroup(self.group, self.me, {self.stream: ">"}, count=count, block=block_ms)
         for _, entries in reply:
+            if batches:
+                self._start_batch([(_text(entry_id), fields) for entry_id, fields in entries])
+                continue
             for entry_id, fields in entries:
                 self._start(_text(entry_id), fields, attempt=1)
 
@@ -551,36 +556,32 @@ class _ConsumerRun:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _process(self, entry_id: str, fields: Fields, attempt: int) -> None:
-        handler = self.handler
+    def _start_batch(self, entries: list[tuple[str, Fields]]) -> None:
+        """New entries as one fetched batch, run in one handler slot (``BookingHandler.run_batch``)."""
+        self.free -= 1
+        now = time.monotonic()
+        for entry_id, _ in entries:
+            self.held[entry_id] = now
+        task = asyncio.create_task(self._process_batch(entries))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    def _delivery(entry_id: str, fields: Fields, attempt: int) -> Delivery:
         payload: bytes | str | None = fields.get(b"booking")
         if payload is None:  # e.g. an entry a learner added by hand with another field name
             payload = encode({_text(k): v.decode("utf-8", "replace") for k, v in fields.items()})
-        delivery = Delivery(payload, attempt, f"entry {entry_id}")
+        return Delivery(payload, attempt, f"entry {entry_id}")
+
+    async def _process(self, entry_id: str, fields: Fields, attempt: int) -> None:
+        handler = self.handler
+        delivery = self._delivery(entry_id, fields, attempt)
         try:
-            handler.events.emit("received", booking_id=booking_id_of(payload), attempt=attempt, source=delivery.source)
+            handler.events.emit(
+                "received", booking_id=booking_id_of(delivery.payload), attempt=attempt, source=delivery.source
+            )
             result = await self._verdict(delivery, has_booking=b"booking" in fields)
-            if result.outcome is Outcome.RETRY:
-                # No ack: the entry stays pending. Reset its idle time so the retry delay
-                # (min-idle) counts from this failure rather than from the delivery.
-                await self._touch([entry_id])
-                self.held.pop(entry_id, None)
-                self.counts["retried"] += 1
-                handler.events.emit(
-                    "retried",
-                    booking_id=result.booking_id,
-                    attempt=attempt,
-                    source=delivery.source,
-                    delay_ms=self.min_idle_ms,
-                    reason=result.reason,
-                )
-                return
-            if result.outcome is Outcome.DEAD:
-                await self.backend.dead_letter(handler, delivery, result)
-                self.counts["dead_lettered"] += 1
-            else:
-                self.counts["completed"] += 1
-            self.to_ack.append(entry_id)
+            await self._settle(entry_id, delivery, result)
             self.ack_wanted.set()
         except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
             # Not acknowledged, so still pending in Redis: claimed again (here or elsewhere) once it is back.
@@ -593,6 +594,68 @@ class _ConsumerRun:
         finally:
             self.free += 1
             self.slot_freed.set()
+
+    async def _process_batch(self, entries: list[tuple[str, Fields]]) -> None:
+        """One fetched batch: the handler's verdicts for all of it, then each entry settled, acked together."""
+        handler = self.handler
+        deliveries = [self._delivery(entry_id, fields, 1) for entry_id, fields in entries]
+        try:
+            runnable = [d for d, (_, fields) in zip(deliveries, entries, strict=True) if b"booking" in fields]
+            validated = handler.validate_batch(runnable)
+            received, parsed_in_order = [], iter(validated)
+            for (_, fields), delivery in zip(entries, deliveries, strict=True):
+                parsed = next(parsed_in_order) if b"booking" in fields else None
+                booking_id = parsed.booking_id if isinstance(parsed, Booking) else booking_id_of(delivery.payload)
+                received.append({"booking_id": booking_id, "attempt": 1, "source": delivery.source})
+            handler.events.emit_batch("received", received)
+            verdicts = iter(await handler.run_batch(runnable, validated))
+            for (entry_id, fields), delivery in zip(entries, deliveries, strict=True):
+                has_booking = b"booking" in fields
+                result = next(verdicts) if has_booking else await self._verdict(delivery, has_booking=False)
+                await self._settle(entry_id, delivery, result)
+            self.ack_wanted.set()
+        except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
+            log.warning(
+                "%s: lost Redis while on a batch of %d entries (%s); they stay pending", self.me, len(entries), e
+            )
+            self._let_go(entries)
+        except Exception:
+            log.exception("%s: a batch of %d entries failed unexpectedly; they stay pending", self.me, len(entries))
+            self._let_go(entries)
+        finally:
+            self.free += 1
+            self.slot_freed.set()
+
+    def _let_go(self, entries: list[tuple[str, Fields]]) -> None:
+        """Stop heartbeating entries left pending (not acknowledged), so the reclaimer can hand them out again."""
+        acked = set(self.to_ack)
+        for entry_id, _ in entries:
+            if entry_id not in acked:
+                self.held.pop(entry_id, None)
+
+    async def _settle(self, entry_id: str, delivery: Delivery, result: Result) -> None:
+        """Act on one verdict: leave a retry pending, dead-letter, or queue the entry for the acker."""
+        if result.outcome is Outcome.RETRY:
+            # No ack: the entry stays pending. Reset its idle time so the retry delay
+            # (min-idle) counts from this failure rather than from the delivery.
+            await self._touch([entry_id])
+            self.held.pop(entry_id, None)
+            self.counts["retried"] += 1
+            self.handler.events.emit(
+                "retried",
+                booking_id=result.booking_id,
+                attempt=delivery.attempt,
+                source=delivery.source,
+                delay_ms=self.min_idle_ms,
+                reason=result.reason,
+            )
+            return
+        if result.outcome is Outcome.DEAD:
+            await self.backend.dead_letter(self.handler, delivery, result)
+            self.counts["dead_lettered"] += 1
+        else:
+            self.counts["completed"] += 1
+        self.to_ack.append(entry_id)
 
     async def _verdict(self, delivery: Delivery, has_booking: bool) -> Result:
         if not has_booking:
