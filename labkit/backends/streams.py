@@ -91,6 +91,9 @@ MOVE_BATCH = 500
 #: A consumer idle longer than this (no read at all) is not counted as a live worker.
 LIVE_IDLE_MS = 10_000
 
+#: Batches one consumer holds at once when its handler takes batches (each up to BATCH_FETCH entries).
+BATCHES_AT_ONCE = 2
+
 Fields = dict[bytes, bytes]
 
 # Write a dead letter once per work entry: the set remembers which entries were dead-lettered, so
@@ -406,7 +409,10 @@ class _ConsumerRun:
         # never seen idle for more than about half of min-idle, leaving half as margin for a busy loop.
         self.touch_after = self.min_idle_ms / 3000
         self.heartbeat_every = self.min_idle_ms / 6000
-        self.free = settings.concurrency
+        # Batches (a cheap workflow: BookingHandler.batches) are handled one after another on the event loop,
+        # so more than two at once would only leave entries waiting, idle in Redis, for another consumer's
+        # XAUTOCLAIM; two let the next batch's reply travel while one is handled.
+        self.free = min(settings.concurrency, BATCHES_AT_ONCE) if handler.batches else settings.concurrency
         self.slot_freed = asyncio.Event()
         # Entries this consumer is working on -> monotonic time of their delivery or last heartbeat.
         self.held: dict[str, float] = {}
@@ -490,7 +496,7 @@ class _ConsumerRun:
         reply = await self.redis.xreadgroup(self.group, self.me, {self.stream: ">"}, count=count, block=block_ms)
         for _, entries in reply:
             if batches:
-                self._start_batch([(_text(entry_id), fields) for entry_id, fields in entries])
+                self._start_batch([(_text(entry_id), fields, 1) for entry_id, fields in entries])
                 continue
             for entry_id, fields in entries:
                 self._start(_text(entry_id), fields, attempt=1)
@@ -504,10 +510,12 @@ class _ConsumerRun:
         Returns:
             True when the walk reached the end of the pending list (cursor ``0-0``).
         """
+        batches = self.handler.batches
         while self.free > 0:
             start = self.cursor
+            page = CLAIM_PAGE if batches else min(self.free, CLAIM_PAGE)
             cursor, claimed, deleted = await self.redis.xautoclaim(
-                self.stream, self.group, self.me, self.min_idle_ms, start_id=start, count=min(self.free, CLAIM_PAGE)
+                self.stream, self.group, self.me, self.min_idle_ms, start_id=start, count=page
             )
             self.cursor = _text(cursor)
             log.debug("%s: XAUTOCLAIM from %s claimed %d, next cursor %s", self.me, start, len(claimed), self.cursor)
@@ -521,6 +529,7 @@ class _ConsumerRun:
                 )
             claimed = [(_text(entry_id), fields) for entry_id, fields in claimed if entry_id is not None]
             counts = await self._delivery_counts([entry_id for entry_id, _ in claimed])
+            taken = []
             for entry_id, fields in claimed:
                 if self.heartbeat and entry_id in self.held:
                     # Our own entry, claimed back because the loop was too busy to heartbeat it in time:
@@ -529,7 +538,11 @@ class _ConsumerRun:
                     continue
                 if entry_id in counts:
                     self.counts["claimed"] += 1
-                    self._start(entry_id, fields, attempt=counts[entry_id])
+                    taken.append((entry_id, fields, counts[entry_id]))
+            if batches and taken:
+                self._start_batch(taken)
+            for entry_id, fields, attempt in [] if batches else taken:
+                self._start(entry_id, fields, attempt=attempt)
             if self.cursor == "0-0":
                 return True
         return False
@@ -556,11 +569,11 @@ class _ConsumerRun:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _start_batch(self, entries: list[tuple[str, Fields]]) -> None:
-        """New entries as one fetched batch, run in one handler slot (``BookingHandler.run_batch``)."""
+    def _start_batch(self, entries: list[tuple[str, Fields, int]]) -> None:
+        """Entries (id, fields, attempt) as one batch, in one handler slot (``BookingHandler.run_batch``)."""
         self.free -= 1
         now = time.monotonic()
-        for entry_id, _ in entries:
+        for entry_id, _, _ in entries:
             self.held[entry_id] = now
         task = asyncio.create_task(self._process_batch(entries))
         self.tasks.add(task)
@@ -595,29 +608,32 @@ class _ConsumerRun:
             self.free += 1
             self.slot_freed.set()
 
-    async def _process_batch(self, entries: list[tuple[str, Fields]]) -> None:
-        """One fetched batch: the handler's verdicts for all of it, then each entry settled, acked together."""
+    async def _process_batch(self, entries: list[tuple[str, Fields, int]]) -> None:
+        """One fetched batch: the handler's verdicts for all of it, then each entry settled, acked together.
+
+        An entry without a ``booking`` field, or delivered more often than ``max_attempts``, gets its
+        verdict alone (:meth:`_verdict`); the others go to the handler as one batch, in stream order.
+        """
         handler = self.handler
-        deliveries = [self._delivery(entry_id, fields, 1) for entry_id, fields in entries]
+        deliveries = [self._delivery(entry_id, fields, attempt) for entry_id, fields, attempt in entries]
+        together = [b"booking" in fields and attempt <= self.max_attempts for _, fields, attempt in entries]
         try:
-            runnable = [d for d, (_, fields) in zip(deliveries, entries, strict=True) if b"booking" in fields]
+            runnable = [d for d, alone in zip(deliveries, together, strict=True) if alone]
             validated = handler.validate_batch(runnable)
-            received, parsed_in_order = [], iter(validated)
-            for (_, fields), delivery in zip(entries, deliveries, strict=True):
-                parsed = next(parsed_in_order) if b"booking" in fields else None
+            received, in_order = [], iter(validated)
+            for delivery, with_batch in zip(deliveries, together, strict=True):
+                parsed = next(in_order) if with_batch else None
                 booking_id = parsed.booking_id if isinstance(parsed, Booking) else booking_id_of(delivery.payload)
-                received.append({"booking_id": booking_id, "attempt": 1, "source": delivery.source})
+                received.append({"booking_id": booking_id, "attempt": delivery.attempt, "source": delivery.source})
             handler.events.emit_batch("received", received)
             verdicts = iter(await handler.run_batch(runnable, validated))
-            for (entry_id, fields), delivery in zip(entries, deliveries, strict=True):
+            for (entry_id, fields, _), delivery, with_batch in zip(entries, deliveries, together, strict=True):
                 has_booking = b"booking" in fields
-                result = next(verdicts) if has_booking else await self._verdict(delivery, has_booking=False)
+                result = next(verdicts) if with_batch else await self._verdict(delivery, has_booking=has_booking)
                 await self._settle(entry_id, delivery, result)
             self.ack_wanted.set()
         except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
-            log.warning(
-                "%s: lost Redis while on a batch of %d entries (%s); they stay pending", self.me, len(entries), e
-            )
+            log.warning("%s: lost Redis on a batch of %d entries (%s); they stay pending", self.me, len(entries), e)
             self._let_go(entries)
         except Exception:
             log.exception("%s: a batch of %d entries failed unexpectedly; they stay pending", self.me, len(entries))
@@ -626,10 +642,10 @@ class _ConsumerRun:
             self.free += 1
             self.slot_freed.set()
 
-    def _let_go(self, entries: list[tuple[str, Fields]]) -> None:
+    def _let_go(self, entries: list[tuple[str, Fields, int]]) -> None:
         """Stop heartbeating entries left pending (not acknowledged), so the reclaimer can hand them out again."""
         acked = set(self.to_ack)
-        for entry_id, _ in entries:
+        for entry_id, _, _ in entries:
             if entry_id not in acked:
                 self.held.pop(entry_id, None)
 
