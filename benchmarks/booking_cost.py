@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import tempfile
 import time
@@ -116,7 +117,7 @@ async def main() -> None:
                     events = EventLog(run, "cost", "streams")
                     handler = BookingHandler(ledger, events, settings, run)
 
-                    seconds = await timed(lambda h=handler, m=mode: whole(h, m, batches))
+                    seconds = await timed(functools.partial(whole, handler, mode, batches))
                     rows.append((f"whole workflow {workflow!r}, {mode}", per_booking_us(seconds, n)))
                     events.close()
         await ledger.reset()

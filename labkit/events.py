@@ -1,9 +1,10 @@
 """Worker event logs: one JSON-lines file per process, loaded back as one tidy DataFrame.
 
 Workers write what happened to each message (received, started, completed, failed,
-retried, dead_lettered) the moment it happens, flushed line by line so that even a
-SIGKILLed worker leaves an honest record. Notebooks chart these logs; tests reconcile
-them against the brokers' own counts.
+retried, dead_lettered) the moment it happens, flushed line by line (a batch's lines in
+one write, before the batch is acknowledged) so that even a SIGKILLed worker leaves an
+honest record. Notebooks chart these logs; tests reconcile them against the brokers'
+own counts.
 """
 
 from __future__ import annotations

@@ -418,7 +418,7 @@ class BookingHandler:
         started, failed, running = [], [], []
         retries = 0
         for i, (delivery, parsed) in enumerate(items):
-            where = {"attempt": delivery.attempt, "source": delivery.source}
+            where: dict[str, object] = {"attempt": delivery.attempt, "source": delivery.source}
             if isinstance(parsed, BadMessage):
                 booking_id = booking_id_of(delivery.payload)
                 failed.append({"booking_id": booking_id, "error": parsed.reason, "bad_message": True, **where})
@@ -434,12 +434,13 @@ class BookingHandler:
         if self.settings.workflow != "noop":
             paid = []
             for i, booking, where, latency in running:
-                failure = _payment_failure(booking, where["attempt"])
+                attempt = items[i][0].attempt
+                failure = _payment_failure(booking, attempt)
                 if failure is None:
                     paid.append((i, booking, where, latency))
                 else:
                     failed.append({"booking_id": booking.booking_id, "error": str(failure), **where})
-                    results[i] = self._failed(booking, where["attempt"], failure)
+                    results[i] = self._failed(booking, attempt, failure)
             running = paid
             await self._effects([booking for _, booking, _, _ in running])
         firsts = await self.ledger.record_completions([booking.booking_id for _, booking, _, _ in running])

@@ -37,6 +37,11 @@ Streams delivers an entry as soon as it is added. A delayed booking waits in the
 mover that, every :data:`MOVE_EVERY_S`, calls one Lua script that XADDs the due ones to the stream
 and removes them from the set, atomically, so each moves once however many consumers run it.
 
+A handler that takes batches (``BookingHandler.batches``: no step or CPU time) gets each
+``XREADGROUP COUNT 500`` reply, and each page of reclaimed entries, as one batch; a consumer holds
+at most two batches at once, so no entry waits idle long enough for another consumer to claim it,
+and the finished ones are acknowledged with one ``XACK``.
+
 Options (``WorkerSettings.options``):
 
 - ``heartbeat``: ``1`` (default) or ``0``. ``0`` turns the heartbeat off, so a drill can

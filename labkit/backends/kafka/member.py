@@ -10,7 +10,9 @@ How a worker consumes (``KafkaBackend.consume``):
   the handler in offset order: per-key order is kept (a key always lands in the same
   partition) while different partitions run concurrently, at most
   ``settings.concurrency`` handler calls at once. A full buffer pauses its partition
-  (backpressure) while the others keep flowing.
+  (backpressure) while the others keep flowing. When the handler takes batches
+  (``BookingHandler.batches``: no step or CPU time), a partition's task hands over what is
+  buffered, up to a poll's worth, as one batch, and its offset is stored once after it.
 - At-least-once: ``enable.auto.commit`` with ``enable.auto.offset.store=false``; a
   record's offset is stored only after the handler finished with it (and after its retry
   or dead letter was written), and librdkafka commits stored offsets every
