@@ -76,7 +76,9 @@ class WorkerSettings:
     """How a worker processes bookings. Identical for every backend, so comparisons are fair.
 
     Args:
-        concurrency: bookings processed at once inside one worker process.
+        concurrency: bookings processed at once inside one worker process; with no step or CPU time
+            (:attr:`BookingHandler.batches`) the Streams and Kafka workers count fetched batches instead
+            (Streams: at most two), since a batch's bookings share each round trip and write.
         max_attempts: deliveries of a failing booking before it is dead-lettered.
         backoff_ms: delay before the first retry; BullMQ and Kafka double it for each
             further retry, Redis Streams uses it as the XAUTOCLAIM min-idle time.
