@@ -7,6 +7,7 @@ N divided by the time from the first message received to the last one acknowledg
 process start-up and group joins are not counted against either side.
 
     python benchmarks/throughput.py --count 20000 --workers 1 2
+    python benchmarks/throughput.py --count 10000 --workers 1 --workflow booking   # the five steps, real effects
 
 It needs the stack (`labkit up`); it uses its own namespaces and leaves no data behind.
 """
@@ -35,11 +36,11 @@ def produce_backlog(backend: str, config: Config, count: int) -> None:
         lk.produce(backend, bookings[start : start + 5000], config)
 
 
-def labkit_rate(backend: str, config: Config, count: int, workers: int, concurrency: int) -> float:
+def labkit_rate(backend: str, config: Config, count: int, workers: int, concurrency: int, workflow: str) -> float:
     """Bookings/s of `workers` labkit worker processes draining a backlog of `count`."""
     produce_backlog(backend, config, count)
     run = lk.new_run(f"bench-{backend}", config)
-    with WorkerPool(backend, config, run_dir=run).start(workers, workflow="noop", concurrency=concurrency) as pool:
+    with WorkerPool(backend, config, run_dir=run).start(workers, workflow=workflow, concurrency=concurrency) as pool:
         pool.wait_until_drained(timeout=600, expected=count)
     events = lk.load_run(run)
     started = events.loc[events["event"] == "started", "mono"].min()
@@ -87,13 +88,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--backends", nargs="+", default=list(lk.BACKENDS))
     parser.add_argument("--concurrency", type=int, default=16, help="in-process concurrency (labkit and raw BullMQ)")
+    parser.add_argument(
+        "--workflow",
+        choices=["noop", "booking"],
+        default="noop",
+        help="labkit's side: validate-and-ack, or the five steps with their real effects (no step delay)",
+    )
     args = parser.parse_args()
-    print(f"{os.cpu_count()} cores; {args.count} no-op bookings per run; concurrency {args.concurrency}")
+    print(f"{os.cpu_count()} cores; {args.count} {args.workflow} bookings per run; concurrency {args.concurrency}")
     print(f"{'backend':8} {'workers':>7} {'labkit/s':>10} {'raw/s':>10} {'ratio':>6}")
     for backend in args.backends:
         for workers in args.workers:
             config = Config.from_env(namespace=f"bench{uuid.uuid4().hex[:6]}-")
-            ours = labkit_rate(backend, config, args.count, workers, args.concurrency)
+            ours = labkit_rate(backend, config, args.count, workers, args.concurrency, args.workflow)
             theirs = raw_rate(backend, config, args.count, workers, args.concurrency)
             print(f"{backend:8} {workers:7d} {ours:10.0f} {theirs:10.0f} {ours / theirs:6.2f}", flush=True)
 

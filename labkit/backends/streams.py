@@ -37,6 +37,11 @@ Streams delivers an entry as soon as it is added. A delayed booking waits in the
 mover that, every :data:`MOVE_EVERY_S`, calls one Lua script that XADDs the due ones to the stream
 and removes them from the set, atomically, so each moves once however many consumers run it.
 
+A handler that takes batches (``BookingHandler.batches``: no step or CPU time) gets each
+``XREADGROUP COUNT 500`` reply, and each page of reclaimed entries, as one batch; a consumer holds
+at most two batches at once, so no entry waits idle long enough for another consumer to claim it,
+and the finished ones are acknowledged with one ``XACK``.
+
 Options (``WorkerSettings.options``):
 
 - ``heartbeat``: ``1`` (default) or ``0``. ``0`` turns the heartbeat off, so a drill can
@@ -58,7 +63,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from labkit.backends.base import BATCH_FETCH, Backend, BatchSink, Message, dead_letter_record, wire_text
-from labkit.booking import booking_id_of, encode
+from labkit.booking import Booking, booking_id_of, encode
 from labkit.errors import BrokerUnavailable, ConfigError
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
 
@@ -90,6 +95,9 @@ MOVE_EVERY_S = 0.05
 MOVE_BATCH = 500
 #: A consumer idle longer than this (no read at all) is not counted as a live worker.
 LIVE_IDLE_MS = 10_000
+
+#: Batches one consumer holds at once when its handler takes batches (each up to BATCH_FETCH entries).
+BATCHES_AT_ONCE = 2
 
 Fields = dict[bytes, bytes]
 
@@ -406,7 +414,10 @@ class _ConsumerRun:
         # never seen idle for more than about half of min-idle, leaving half as margin for a busy loop.
         self.touch_after = self.min_idle_ms / 3000
         self.heartbeat_every = self.min_idle_ms / 6000
-        self.free = settings.concurrency
+        # Batches (a cheap workflow: BookingHandler.batches) are handled one after another on the event loop,
+        # so more than two at once would only leave entries waiting, idle in Redis, for another consumer's
+        # XAUTOCLAIM; two let the next batch's reply travel while one is handled.
+        self.free = min(settings.concurrency, BATCHES_AT_ONCE) if handler.batches else settings.concurrency
         self.slot_freed = asyncio.Event()
         # Entries this consumer is working on -> monotonic time of their delivery or last heartbeat.
         self.held: dict[str, float] = {}
@@ -485,8 +496,13 @@ class _ConsumerRun:
 
     async def _read(self, block_ms: int) -> None:
         """New entries, never delivered before: delivery count 1. BLOCK 0 would wait forever, hence >= 1."""
-        reply = await self.redis.xreadgroup(self.group, self.me, {self.stream: ">"}, count=self.free, block=block_ms)
+        batches = self.handler.batches
+        count = BATCH_FETCH if batches else self.free
+        reply = await self.redis.xreadgroup(self.group, self.me, {self.stream: ">"}, count=count, block=block_ms)
         for _, entries in reply:
+            if batches:
+                self._start_batch([(_text(entry_id), fields, 1) for entry_id, fields in entries])
+                continue
             for entry_id, fields in entries:
                 self._start(_text(entry_id), fields, attempt=1)
 
@@ -499,10 +515,12 @@ class _ConsumerRun:
         Returns:
             True when the walk reached the end of the pending list (cursor ``0-0``).
         """
+        batches = self.handler.batches
         while self.free > 0:
             start = self.cursor
+            page = CLAIM_PAGE if batches else min(self.free, CLAIM_PAGE)
             cursor, claimed, deleted = await self.redis.xautoclaim(
-                self.stream, self.group, self.me, self.min_idle_ms, start_id=start, count=min(self.free, CLAIM_PAGE)
+                self.stream, self.group, self.me, self.min_idle_ms, start_id=start, count=page
             )
             self.cursor = _text(cursor)
             log.debug("%s: XAUTOCLAIM from %s claimed %d, next cursor %s", self.me, start, len(claimed), self.cursor)
@@ -516,6 +534,7 @@ class _ConsumerRun:
                 )
             claimed = [(_text(entry_id), fields) for entry_id, fields in claimed if entry_id is not None]
             counts = await self._delivery_counts([entry_id for entry_id, _ in claimed])
+            taken = []
             for entry_id, fields in claimed:
                 if self.heartbeat and entry_id in self.held:
                     # Our own entry, claimed back because the loop was too busy to heartbeat it in time:
@@ -524,7 +543,11 @@ class _ConsumerRun:
                     continue
                 if entry_id in counts:
                     self.counts["claimed"] += 1
-                    self._start(entry_id, fields, attempt=counts[entry_id])
+                    taken.append((entry_id, fields, counts[entry_id]))
+            if batches and taken:
+                self._start_batch(taken)
+            for entry_id, fields, attempt in [] if batches else taken:
+                self._start(entry_id, fields, attempt=attempt)
             if self.cursor == "0-0":
                 return True
         return False
@@ -551,36 +574,32 @@ class _ConsumerRun:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _process(self, entry_id: str, fields: Fields, attempt: int) -> None:
-        handler = self.handler
+    def _start_batch(self, entries: list[tuple[str, Fields, int]]) -> None:
+        """Entries (id, fields, attempt) as one batch, in one handler slot (``BookingHandler.run_batch``)."""
+        self.free -= 1
+        now = time.monotonic()
+        for entry_id, _, _ in entries:
+            self.held[entry_id] = now
+        task = asyncio.create_task(self._process_batch(entries))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    def _delivery(entry_id: str, fields: Fields, attempt: int) -> Delivery:
         payload: bytes | str | None = fields.get(b"booking")
         if payload is None:  # e.g. an entry a learner added by hand with another field name
             payload = encode({_text(k): v.decode("utf-8", "replace") for k, v in fields.items()})
-        delivery = Delivery(payload, attempt, f"entry {entry_id}")
+        return Delivery(payload, attempt, f"entry {entry_id}")
+
+    async def _process(self, entry_id: str, fields: Fields, attempt: int) -> None:
+        handler = self.handler
+        delivery = self._delivery(entry_id, fields, attempt)
         try:
-            handler.events.emit("received", booking_id=booking_id_of(payload), attempt=attempt, source=delivery.source)
+            handler.events.emit(
+                "received", booking_id=booking_id_of(delivery.payload), attempt=attempt, source=delivery.source
+            )
             result = await self._verdict(delivery, has_booking=b"booking" in fields)
-            if result.outcome is Outcome.RETRY:
-                # No ack: the entry stays pending. Reset its idle time so the retry delay
-                # (min-idle) counts from this failure rather than from the delivery.
-                await self._touch([entry_id])
-                self.held.pop(entry_id, None)
-                self.counts["retried"] += 1
-                handler.events.emit(
-                    "retried",
-                    booking_id=result.booking_id,
-                    attempt=attempt,
-                    source=delivery.source,
-                    delay_ms=self.min_idle_ms,
-                    reason=result.reason,
-                )
-                return
-            if result.outcome is Outcome.DEAD:
-                await self.backend.dead_letter(handler, delivery, result)
-                self.counts["dead_lettered"] += 1
-            else:
-                self.counts["completed"] += 1
-            self.to_ack.append(entry_id)
+            await self._settle(entry_id, delivery, result)
             self.ack_wanted.set()
         except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
             # Not acknowledged, so still pending in Redis: claimed again (here or elsewhere) once it is back.
@@ -593,6 +612,71 @@ class _ConsumerRun:
         finally:
             self.free += 1
             self.slot_freed.set()
+
+    async def _process_batch(self, entries: list[tuple[str, Fields, int]]) -> None:
+        """One fetched batch: the handler's verdicts for all of it, then each entry settled, acked together.
+
+        An entry without a ``booking`` field, or delivered more often than ``max_attempts``, gets its
+        verdict alone (:meth:`_verdict`); the others go to the handler as one batch, in stream order.
+        """
+        handler = self.handler
+        deliveries = [self._delivery(entry_id, fields, attempt) for entry_id, fields, attempt in entries]
+        together = [b"booking" in fields and attempt <= self.max_attempts for _, fields, attempt in entries]
+        try:
+            runnable = [d for d, alone in zip(deliveries, together, strict=True) if alone]
+            validated = handler.validate_batch(runnable)
+            received, in_order = [], iter(validated)
+            for delivery, with_batch in zip(deliveries, together, strict=True):
+                parsed = next(in_order) if with_batch else None
+                booking_id = parsed.booking_id if isinstance(parsed, Booking) else booking_id_of(delivery.payload)
+                received.append({"booking_id": booking_id, "attempt": delivery.attempt, "source": delivery.source})
+            handler.events.emit_batch("received", received)
+            verdicts = iter(await handler.run_batch(runnable, validated))
+            for (entry_id, fields, _), delivery, with_batch in zip(entries, deliveries, together, strict=True):
+                has_booking = b"booking" in fields
+                result = next(verdicts) if with_batch else await self._verdict(delivery, has_booking=has_booking)
+                await self._settle(entry_id, delivery, result)
+            self.ack_wanted.set()
+        except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
+            log.warning("%s: lost Redis on a batch of %d entries (%s); they stay pending", self.me, len(entries), e)
+            self._let_go(entries)
+        except Exception:
+            log.exception("%s: a batch of %d entries failed unexpectedly; they stay pending", self.me, len(entries))
+            self._let_go(entries)
+        finally:
+            self.free += 1
+            self.slot_freed.set()
+
+    def _let_go(self, entries: list[tuple[str, Fields, int]]) -> None:
+        """Stop heartbeating entries left pending (not acknowledged), so the reclaimer can hand them out again."""
+        acked = set(self.to_ack)
+        for entry_id, _, _ in entries:
+            if entry_id not in acked:
+                self.held.pop(entry_id, None)
+
+    async def _settle(self, entry_id: str, delivery: Delivery, result: Result) -> None:
+        """Act on one verdict: leave a retry pending, dead-letter, or queue the entry for the acker."""
+        if result.outcome is Outcome.RETRY:
+            # No ack: the entry stays pending. Reset its idle time so the retry delay
+            # (min-idle) counts from this failure rather than from the delivery.
+            await self._touch([entry_id])
+            self.held.pop(entry_id, None)
+            self.counts["retried"] += 1
+            self.handler.events.emit(
+                "retried",
+                booking_id=result.booking_id,
+                attempt=delivery.attempt,
+                source=delivery.source,
+                delay_ms=self.min_idle_ms,
+                reason=result.reason,
+            )
+            return
+        if result.outcome is Outcome.DEAD:
+            await self.backend.dead_letter(self.handler, delivery, result)
+            self.counts["dead_lettered"] += 1
+        else:
+            self.counts["completed"] += 1
+        self.to_ack.append(entry_id)
 
     async def _verdict(self, delivery: Delivery, has_booking: bool) -> Result:
         if not has_booking:

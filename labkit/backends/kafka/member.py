@@ -10,7 +10,9 @@ How a worker consumes (``KafkaBackend.consume``):
   the handler in offset order: per-key order is kept (a key always lands in the same
   partition) while different partitions run concurrently, at most
   ``settings.concurrency`` handler calls at once. A full buffer pauses its partition
-  (backpressure) while the others keep flowing.
+  (backpressure) while the others keep flowing. When the handler takes batches
+  (``BookingHandler.batches``: no step or CPU time), a partition's task hands over what is
+  buffered, up to a poll's worth, as one batch, and its offset is stored once after it.
 - At-least-once: ``enable.auto.commit`` with ``enable.auto.offset.store=false``; a
   record's offset is stored only after the handler finished with it (and after its retry
   or dead letter was written), and librdkafka commits stored offsets every
@@ -59,7 +61,16 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from redis.exceptions import RedisError
 
 from labkit.backends.kafka.quirks import GroupWatch, repairs_enabled
-from labkit.backends.kafka.records import Headers, Send, coordinates, fetch, header_int, headers_of, location
+from labkit.backends.kafka.records import (
+    POLL_BATCH,
+    Headers,
+    Send,
+    coordinates,
+    fetch,
+    header_int,
+    headers_of,
+    location,
+)
 from labkit.backends.kafka.settings import DEFAULT_MAX_POLL_INTERVAL_MS, SESSION_TIMEOUT_MS, group_consumer_config
 from labkit.errors import BackendError, ConfigError
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
@@ -72,6 +83,10 @@ log = logging.getLogger(__name__)
 #: Records buffered per partition before it is paused, and the level at which it resumes.
 BUFFER_HIGH = 256
 BUFFER_LOW = 64
+#: The same for a handler that takes batches: room for several polls, since a pause drops librdkafka's
+#: prefetched records and the seek on resume costs a fetch round trip, which a batch would wait for.
+BATCH_BUFFER_HIGH = 4 * POLL_BATCH
+BATCH_BUFFER_LOW = POLL_BATCH
 #: A worker reports its in-flight counts (and assignment) in Redis this often; the report outlives it this long.
 INFLIGHT_REFRESH_S = 1.0
 INFLIGHT_TTL_S = 5
@@ -167,6 +182,9 @@ class GroupMember:
         #: Topics whose records wait for their ``not_before`` header: retries and delayed bookings.
         self.waiting_topics = {self.names.topic_retry, self.names.topic_delay}
         self.slots = asyncio.Semaphore(settings.concurrency)
+        batched = handler.batches
+        self.buffer_high = BATCH_BUFFER_HIGH if batched else BUFFER_HIGH
+        self.buffer_low = BATCH_BUFFER_LOW if batched else BUFFER_LOW
         self.parts: dict[tuple[str, int], Partition] = {}
         #: Tasks still running a record of a partition given up after max.poll.interval.ms.
         self.orphans: set[asyncio.Task[None]] = set()
@@ -249,6 +267,7 @@ class GroupMember:
     def _dispatch(self, messages: list[Message]) -> None:
         """Route fetched records to their partition buffers, holding back retries that are not due."""
         now_ms = time.time() * 1000
+        received = []
         for message in messages:
             error = message.error()
             if error is not None:
@@ -275,15 +294,17 @@ class GroupMember:
             part.next_offset = offset + 1
             part.pending.append(record)
             part.wakeup.set()
-            self.events.emit(
-                "received",
-                booking_id=key.decode("utf-8", "replace") if key else None,
-                attempt=record.attempt,
-                source=record.source,
-                record=record.where,
+            received.append(
+                {
+                    "booking_id": key.decode("utf-8", "replace") if key else None,
+                    "attempt": record.attempt,
+                    "source": record.source,
+                    "record": record.where,
+                }
             )
-            if len(part.pending) >= BUFFER_HIGH and "full" not in part.paused_for:
+            if len(part.pending) >= self.buffer_high and "full" not in part.paused_for:
                 self._pause(part, "full")
+        self.events.emit_batch("received", received)  # one write for the poll, before any of it is handled
 
     def _pause(self, part: Partition, reason: str) -> None:
         if not part.paused_for:
@@ -429,36 +450,47 @@ class GroupMember:
             self.failure = task.exception()
 
     async def _work(self, part: Partition) -> None:
-        """Hand this partition's records to the handler one at a time, in offset order."""
+        """Hand this partition's records to the handler in offset order: one at a time, or as batches.
+
+        With a handler that takes batches (``BookingHandler.batches``: no step or CPU time), what is
+        buffered for the partition, up to a poll's worth, is one batch; its offset is stored once, after it.
+        """
+        batches = self.handler.batches
         while not part.revoked:
             if not part.pending:
                 part.wakeup.clear()
                 await part.wakeup.wait()
                 continue
-            record = part.pending.popleft()
-            if "full" in part.paused_for and len(part.pending) <= BUFFER_LOW:
+            records = [part.pending.popleft() for _ in range(min(len(part.pending), POLL_BATCH if batches else 1))]
+            if "full" in part.paused_for and len(part.pending) <= self.buffer_low:
                 self._unpause(part, "full")
             # Waiting for a free slot is not handling: the max.poll.interval.ms clock starts inside.
             async with self.slots:
                 part.started = time.monotonic()
                 part.idle.clear()
                 try:
-                    await self._process(record)
+                    await self._process(records)
                     if not part.abandoned:
-                        part.done_offset = record.offset + 1  # store offset after processing: at-least-once
+                        part.done_offset = records[-1].offset + 1  # store offset after processing: at-least-once
                 finally:
                     part.started = None
                     part.idle.set()
 
-    async def _process(self, record: Record) -> None:
-        """Run the handler, then act on its verdict: nothing, a retry record, or a dead letter."""
-        delivery = Delivery(payload=record.value, attempt=record.attempt, source=record.source)
-        result = await self.handler(delivery)
-        CURRENT_KEY.set((record.key,))
-        if result.outcome is Outcome.RETRY:
-            await self._retry(record, delivery, result)
-        elif result.outcome is Outcome.DEAD:
-            await self.backend.dead_letter(self.handler, delivery, result)
+    async def _process(self, records: list[Record]) -> None:
+        """Run the handler, then act on each verdict in offset order: nothing, a retry record, or a dead letter."""
+        deliveries = [Delivery(payload=r.value, attempt=r.attempt, source=r.source) for r in records]
+        if len(deliveries) == 1 and not self.handler.batches:
+            results = [await self.handler(deliveries[0])]
+        else:
+            results = await self.handler.run_batch(deliveries)
+        for record, delivery, result in zip(records, deliveries, results, strict=True):
+            if result.outcome is Outcome.COMPLETED:
+                continue
+            CURRENT_KEY.set((record.key,))
+            if result.outcome is Outcome.RETRY:
+                await self._retry(record, delivery, result)
+            else:
+                await self.backend.dead_letter(self.handler, delivery, result)
 
     async def _retry(self, record: Record, delivery: Delivery, result: Result) -> None:
         """Park the record in the retry topic with its due time; the original offset is stored afterwards."""
