@@ -46,16 +46,7 @@ class EventLog:
 
     def emit(self, event: str, **fields: Any) -> None:
         """Record ``event`` with wall and monotonic timestamps (monotonic is comparable across processes)."""
-        record = {
-            "event": event,
-            "ts": time.time(),
-            "mono": time.monotonic(),
-            "worker": self.worker_id,
-            "backend": self.backend,
-            "pid": self._pid,
-            **fields,
-        }
-        self._file.write(_encode(record) + "\n")
+        self._file.write(_encode({**self._header(event), **fields}) + "\n")
 
     def emit_batch(self, event: str, rows: list[dict[str, Any]]) -> None:
         """Record ``event`` once per row, all in one write: a batch of bookings that happened together.
@@ -66,7 +57,13 @@ class EventLog:
         """
         if not rows:
             return
-        common = {
+        # The shared fields without the closing brace; each row's fields follow.
+        head = _encode(self._header(event))[:-1]
+        self._file.write("".join(f"{head},{_encode(row)[1:]}\n" if row else f"{head}}}\n" for row in rows))
+
+    def _header(self, event: str) -> dict[str, Any]:
+        """The fields every line starts with: what happened, when, and where."""
+        return {
             "event": event,
             "ts": time.time(),
             "mono": time.monotonic(),
@@ -74,8 +71,6 @@ class EventLog:
             "backend": self.backend,
             "pid": self._pid,
         }
-        head = _encode(common)[:-1]  # the shared fields without the closing brace; each row's fields follow
-        self._file.write("".join(f"{head},{_encode(row)[1:]}\n" if row else f"{head}}}\n" for row in rows))
 
     def close(self) -> None:
         self._file.close()

@@ -149,6 +149,23 @@ def bullmq_sample(
     return Sample(**_common("bullmq", at, counts, depths, letters), states=states, workers=workers)
 
 
+def _ledger_states(counts: Mapping[str, Any], depths: Mapping[str, Any]) -> dict[str, int | None]:
+    """The job states of a backend without BullMQ's job states (Streams, Kafka), from the ledger and the depths.
+
+    Waiting is the backlog less what is delayed; nothing is prioritized there.
+    """
+    delayed = int(depths.get("delayed") or 0)
+    backlog = depths.get("backlog")
+    return {
+        "waiting": None if backlog is None else backlog - delayed,
+        "delayed": delayed,
+        "prioritized": None,
+        "active": depths.get("in_flight"),
+        "completed": counts.get("completed", 0),
+        "failed": counts.get("dead_lettered", 0),
+    }
+
+
 def streams_sample(
     at: float,
     counts: Mapping[str, int],
@@ -160,16 +177,7 @@ def streams_sample(
 ) -> Sample:
     """A Streams sample from ``Ledger.counts()``, ``queue_depths()``, XINFO CONSUMERS, XPENDING's extended form
     (``message_id``, ``consumer``, ``time_since_delivered``, ``times_delivered``) and ``dead_letters()``."""
-    delayed = int(depths.get("delayed") or 0)
-    backlog = depths.get("backlog")
-    states: dict[str, int | None] = {
-        "waiting": None if backlog is None else backlog - delayed,
-        "delayed": delayed,
-        "prioritized": None,
-        "active": depths.get("in_flight"),
-        "completed": counts.get("completed", 0),
-        "failed": counts.get("dead_lettered", 0),
-    }
+    states = _ledger_states(counts, depths)
     group = [{"name": _text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])} for c in consumers]
     workers = [
         {"id": c["name"], "last_seen": at - c["idle_ms"] / 1000, "detail": f"{c['pending']} pending"}
@@ -200,16 +208,7 @@ def kafka_sample(
     """A Kafka sample from ``Ledger.counts()``, ``queue_depths()`` (``lag`` per ``topic/partition``),
     ``KafkaBackend.worker_reports()`` (each member's assignment and how long ago it reported) and
     ``dead_letters()``."""
-    delayed = int(depths.get("delayed") or 0)
-    backlog = depths.get("backlog")
-    states: dict[str, int | None] = {
-        "waiting": None if backlog is None else backlog - delayed,
-        "delayed": delayed,
-        "prioritized": None,
-        "active": depths.get("in_flight"),
-        "completed": counts.get("completed", 0),
-        "failed": counts.get("dead_lettered", 0),
-    }
+    states = _ledger_states(counts, depths)
     owners = {p: worker for worker, report in reports.items() for p in report.get("assigned", ())}
     partitions = [
         {"partition": p, "lag": lag, "owner": owners.get(p)}
