@@ -524,13 +524,15 @@ def _analyse(
             "p99_ms": per_second.quantile(0.99),
         }
     )
-    last = int(max(workload.duration_s, timeline.index.max() if len(timeline) else 0))
+    backlog = pd.Series([b for _, b, _ in samples], index=[int(t - start_at) for t, _, _ in samples])
+    # Up to the last backlog sample too: the broker reports the queue empty after the last message finished
+    # (Kafka's lag falls to 0 with the next offset commit), and the timeline must end on that sample.
+    last = int(max(workload.duration_s, timeline.index.max() if len(timeline) else 0, max(backlog.index, default=0)))
     timeline = timeline.reindex(range(0, last + 1)).rename_axis("second")
     timeline["consumed"] = timeline["consumed"].fillna(0).astype(int)
     sent_at = pd.Series([n for _, n in sent_log], index=[int(t - start_at) for t, _ in sent_log])
     sent_at = sent_at.groupby(level=0).max().reindex(timeline.index).ffill().fillna(0)
     timeline["produced"] = sent_at.diff().fillna(sent_at).astype(int)
-    backlog = pd.Series([b for _, b, _ in samples], index=[int(t - start_at) for t, _, _ in samples])
     timeline["backlog"] = backlog.groupby(level=0).last().reindex(timeline.index)
     timeline = timeline.reset_index()[["second", "produced", "consumed", "backlog", "p50_ms", "p99_ms"]]
 

@@ -38,9 +38,10 @@ mover that, every :data:`MOVE_EVERY_S`, calls one Lua script that XADDs the due 
 and removes them from the set, atomically, so each moves once however many consumers run it.
 
 A handler that takes batches (``BookingHandler.batches``: no step or CPU time) gets each
-``XREADGROUP COUNT 500`` reply, and each page of reclaimed entries, as one batch; a consumer holds
-at most two batches at once, so no entry waits idle long enough for another consumer to claim it,
-and the finished ones are acknowledged with one ``XACK``.
+``XREADGROUP COUNT n`` reply, and each page of reclaimed entries, as one batch, and the finished
+ones are acknowledged with one ``XACK``. A batch holds its entries only while their idle time stays
+under min-idle, so its size follows what the consumer can finish in a quarter of it
+(:class:`BatchSize`): up to 500 entries on a quiet machine, a few dozen on a loaded one.
 
 Options (``WorkerSettings.options``):
 
@@ -98,6 +99,41 @@ LIVE_IDLE_MS = 10_000
 
 #: Batches one consumer holds at once when its handler takes batches (each up to BATCH_FETCH entries).
 BATCHES_AT_ONCE = 2
+#: The share of min-idle one batch may take, from its fetch to its verdicts: the batch queued behind it
+#: waits about as long, and the heartbeat needs the rest to keep the entries of both idle below min-idle.
+BATCH_TIME_SHARE = 0.25
+#: A consumer's first batch, before it has measured what an entry costs.
+FIRST_BATCH = 50
+
+
+class BatchSize:
+    """How many entries a consumer's next batch takes: as many as it finished in a quarter of min-idle lately.
+
+    A Streams consumer keeps an entry only while the entry's idle time stays under min-idle, the lease
+    every other consumer's XAUTOCLAIM respects. The heartbeat resets it, but runs on the event loop the
+    batch keeps busy, and its XCLAIM of every held entry slows with their number: on a loaded 2-core
+    machine, batches of 500 took 0.4-2.5 s against the contract tests' 200 ms min-idle, the heartbeat
+    fell 0.2-0.7 s behind, and the other consumer claimed and ran 100-1,300 entries a second time.
+    Sizing each batch by the time its entries took (fetch to verdicts, queueing behind the other batch
+    included) keeps that hold inside the lease on any machine, and costs nothing where entries are
+    cheap: at 30 us an entry, a quarter of a 200 ms min-idle is 1,600 entries, above the 500 cap.
+    """
+
+    def __init__(self, min_idle_ms: float) -> None:
+        self.budget_s = min_idle_ms / 1000 * BATCH_TIME_SHARE
+        self.entries = FIRST_BATCH
+        self.entry_s: float | None = None
+
+    def record(self, entries: int, held_s: float) -> None:
+        """One batch of ``entries`` was held ``held_s`` seconds, from its fetch to its last verdict."""
+        if entries == 0:
+            return
+        cost = held_s / entries
+        # Half the old estimate and half the new, and never below half the last size: one slow batch (a GC
+        # pause, a busy disk) halves the next one at most, and a machine that got busy is followed within a few.
+        self.entry_s = cost if self.entry_s is None else (self.entry_s + cost) / 2
+        fits = int(self.budget_s / max(self.entry_s, 1e-9))
+        self.entries = max(1, self.entries // 2, min(BATCH_FETCH, fits))
 
 Fields = dict[bytes, bytes]
 
@@ -418,6 +454,7 @@ class _ConsumerRun:
         # so more than two at once would only leave entries waiting, idle in Redis, for another consumer's
         # XAUTOCLAIM; two let the next batch's reply travel while one is handled.
         self.free = min(settings.concurrency, BATCHES_AT_ONCE) if handler.batches else settings.concurrency
+        self.batch_size = BatchSize(self.min_idle_ms)
         self.slot_freed = asyncio.Event()
         # Entries this consumer is working on -> monotonic time of their delivery or last heartbeat.
         self.held: dict[str, float] = {}
@@ -497,7 +534,7 @@ class _ConsumerRun:
     async def _read(self, block_ms: int) -> None:
         """New entries, never delivered before: delivery count 1. BLOCK 0 would wait forever, hence >= 1."""
         batches = self.handler.batches
-        count = BATCH_FETCH if batches else self.free
+        count = self.batch_size.entries if batches else self.free
         reply = await self.redis.xreadgroup(self.group, self.me, {self.stream: ">"}, count=count, block=block_ms)
         for _, entries in reply:
             if batches:
@@ -518,7 +555,7 @@ class _ConsumerRun:
         batches = self.handler.batches
         while self.free > 0:
             start = self.cursor
-            page = CLAIM_PAGE if batches else min(self.free, CLAIM_PAGE)
+            page = min(self.batch_size.entries if batches else self.free, CLAIM_PAGE)
             cursor, claimed, deleted = await self.redis.xautoclaim(
                 self.stream, self.group, self.me, self.min_idle_ms, start_id=start, count=page
             )
@@ -580,7 +617,7 @@ class _ConsumerRun:
         now = time.monotonic()
         for entry_id, _, _ in entries:
             self.held[entry_id] = now
-        task = asyncio.create_task(self._process_batch(entries))
+        task = asyncio.create_task(self._process_batch(entries, fetched=now))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -613,7 +650,7 @@ class _ConsumerRun:
             self.free += 1
             self.slot_freed.set()
 
-    async def _process_batch(self, entries: list[tuple[str, Fields, int]]) -> None:
+    async def _process_batch(self, entries: list[tuple[str, Fields, int]], fetched: float) -> None:
         """One fetched batch: the handler's verdicts for all of it, then each entry settled, acked together.
 
         An entry without a ``booking`` field, or delivered more often than ``max_attempts``, gets its
@@ -637,6 +674,7 @@ class _ConsumerRun:
                 result = next(verdicts) if with_batch else await self._verdict(delivery, has_booking=has_booking)
                 await self._settle(entry_id, delivery, result)
             self.ack_wanted.set()
+            self.batch_size.record(len(entries), time.monotonic() - fetched)
         except (RedisConnectionError, RedisTimeoutError, ConnectionError) as e:
             log.warning("%s: lost Redis on a batch of %d entries (%s); they stay pending", self.me, len(entries), e)
             self._let_go(entries)

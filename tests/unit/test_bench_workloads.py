@@ -103,6 +103,19 @@ def test_analysis_leaves_out_the_warm_up_and_accounts_for_every_message() -> Non
     assert spectrum["latency_ms"].is_monotonic_increasing
 
 
+def test_the_timeline_ends_on_the_backlog_sample_that_shows_the_queue_empty() -> None:
+    # The last message finishes at 10.0 s; the broker reports the queue empty in second 11 (a Kafka group's lag
+    # falls to 0 only with the offset commit after it): the timeline goes on to that sample.
+    workload = bench.Workload(rate=100, duration_s=5, warmup_s=1)
+    start = 3_000_000.0
+    frame = _deliveries(start, 100, 10, 0.010)
+    samples = [(start + 8.5, 40, 2), (start + 10.2, 6, 0), (start + 11.4, 0, 0)]
+    _, timeline, _ = bench._analyse(frame, workload, start, 1000, [(start + 10, 1000)], samples, None)
+    assert timeline["second"].iloc[-1] == 11
+    assert timeline["backlog"].dropna().tolist() == [40, 6, 0]
+    assert timeline["consumed"].iloc[-1] == 0
+
+
 def bench_probe_rows() -> pd.DataFrame:
     return pd.DataFrame({"n": [-1, -2, -3], "intended": [0.0] * 3, "finished": [1.0] * 3, "latency_ms": [1e3] * 3})
 
