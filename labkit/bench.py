@@ -300,14 +300,16 @@ class _Producer(threading.Thread):
             await backend.send_batch([factory.probe(0)])  # connect and warm up before the clock starts
             while time.time() < self.start_at:
                 await asyncio.sleep(min(0.01, max(0.0, self.start_at - time.time())))
+            # At a set rate the run's messages are a fixed number, each due at its own time: one the producer is
+            # late for is sent late (its latency counts from when it was due), never dropped, even when the
+            # clock has passed the end of the run while a slow send was on the wire.
+            total = math.ceil(workload.duration_s * workload.rate)
             while not self.halt.is_set():
                 now = time.time()
-                if now >= end:
+                if (self.sent >= total) if workload.rate else (now >= end):
                     break
                 if workload.rate:
-                    due = min(
-                        int((now - self.start_at) * workload.rate) + 1, math.ceil(workload.duration_s * workload.rate)
-                    )
+                    due = min(int((now - self.start_at) * workload.rate) + 1, total)
                     if due <= self.sent:
                         next_due = self.start_at + self.sent / workload.rate
                         await asyncio.sleep(max(0.0, min(next_due - now, 0.01)))

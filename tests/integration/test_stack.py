@@ -255,7 +255,9 @@ def test_a_server_that_never_answers_times_out_with_its_log(
     start = time.monotonic()
     with pytest.raises(StackError) as caught:
         Stack(config).up(timeout=1.5)
-    assert time.monotonic() - start < 5
+    # It gave up rather than waiting for the fake server, which would answer never (it sleeps 60 s); how long
+    # giving up takes on top of the 1.5 s is the machine's (9.5 s was seen on a loaded runner), not the check's.
+    assert time.monotonic() - start < 45
     assert re.fullmatch(
         rf"redis at {config.redis_address[0]}:{config.redis_address[1]} was not healthy within 1\.5 s "
         r"\(Connection refused\); last lines of \S+/redis\.log: waiting for a disk that never comes \(simulated\)",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +132,39 @@ def test_recovery_is_timed_from_the_restart_to_the_last_slow_message() -> None:
     frame["latency_ms"] = (frame["finished"] - frame["intended"]) * 1e3
     recovery = bench._recovery(frame, start + 2, paused_at, resumed_at)
     assert recovery == pytest.approx(2.5, abs=0.1)
+
+
+class _SlowAtTheEnd:
+    """A backend whose send in the run's last half second takes a whole second (a loaded broker)."""
+
+    sent: list[int] = []  # the size of each batch sent
+
+    def __init__(self, config: object, settings: object) -> None:
+        pass
+
+    async def __aenter__(self) -> _SlowAtTheEnd:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def send_batch(self, batch: list[dict[str, object]]) -> None:
+        if _SlowAtTheEnd.end - 0.5 < time.time() < _SlowAtTheEnd.end:
+            await asyncio.sleep(1.0)
+        _SlowAtTheEnd.sent.append(len(batch))
+
+    end = 0.0
+
+
+def test_the_open_loop_producer_sends_every_message_of_the_run_even_when_it_falls_behind_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    workload = bench.Workload(rate=100, duration_s=2, warmup_s=0)
+    start = time.time() + 0.2
+    _SlowAtTheEnd.end, _SlowAtTheEnd.sent = start + workload.duration_s, []
+    monkeypatch.setattr(bench, "get_backend", lambda name: _SlowAtTheEnd)
+    producer = bench._Producer("streams", None, workload, start)  # type: ignore[arg-type]
+    producer.run()
+    assert producer.error is None
+    assert _SlowAtTheEnd.sent[0] == 1  # the warm-up probe, before the clock starts
+    assert producer.sent == sum(_SlowAtTheEnd.sent[1:]) == 200
