@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -223,6 +223,7 @@ class WorkerPool:
         self._workers: list[_Worker] = []
         self._next_index = 1
         self._stats_backend: Backend | None = None
+        self._on_stop: list[Callable[[], object]] = []
         _POOLS.add(self)
         # Stops this pool's workers if the pool is garbage collected while they run. It holds
         # the worker list, never the pool, or the pool could not be collected at all.
@@ -325,6 +326,17 @@ class WorkerPool:
                 loop_thread().run(backend.close(), timeout=5)
             except Exception as e:  # closing a connection must not hide the stop itself
                 log.debug("closing the stats connection failed: %s", e)
+        callbacks, self._on_stop = self._on_stop, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as e:  # what watched the pool must not hide the stop itself
+                log.warning("stopping %r with the pool failed: %s", callback, e)
+
+    def on_stop(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once, when this pool stops (``stop()``, the end of its ``with`` block), after its
+        workers are gone: what watches the pool stops with it (``lk.dashboard(pool=pool)``)."""
+        self._on_stop.append(callback)
 
     @property
     def workers(self) -> list[WorkerInfo]:

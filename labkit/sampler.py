@@ -12,28 +12,42 @@ brokers does not grow with the number of viewers. Every sample has the same name
   records the Kafka workers report running.
 - ``completed`` and ``failed``: the lab's ledger (completed bookings, dead letters), the same on every backend.
 
+Two more panels have the same names everywhere too: the **recent bookings** (the newest ones a producer tracked,
+``labkit serve`` does, each with its status: :data:`labkit.status.STATES`, the step and the progress, in
+:data:`BOOKING_WORDS` each system's word for where it is), and **broker health** (each broker the backend needs:
+whether it answers, its server, one request's round trip; :data:`BROKERS` says what each one holds there).
+
 A sample is built from the backends' own read methods (``Ledger.counts``, ``queue_depths``, ``dead_letters``,
 ``live_workers``' sources) by the pure functions :func:`bullmq_sample`, :func:`streams_sample` and
 :func:`kafka_sample`, so that a recorded broker answer can be replayed in a unit test. A backend whose broker
-does not answer gives a sample with ``ok`` False and its ``error``: a viewer keeps the last good one on screen
-and says how old it is.
+does not answer gives a sample with ``ok`` False and its ``error``, and still its broker health: a viewer keeps
+the last good sample's panels on screen, says how old they are, and shows which broker is down.
+
+What a sample costs the brokers (docs/dashboard.md has the measured figures): the reads above, a PING to Redis
+(and an ApiVersions request to Kafka) for the health, and one ZREVRANGE of the recent bookings' index plus the status
+of each recent booking that has not finished (a finished one is read once, until it is sent again); the dead
+letters are read again only when the ledger's count of them changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
 from labkit.backends import Backend, get_backend
+from labkit.backends.kafka import topic_changes
 from labkit.config import BACKENDS, Config
 from labkit.errors import LabkitError
+from labkit.stack import Stack, kafka_round_trip_ms
+from labkit.status import BookingStatus
 
 #: The state names every sample has, in a booking's order.
 STATES = ("waiting", "delayed", "prioritized", "active", "completed", "failed")
@@ -59,6 +73,33 @@ TERMS = {
     "streams": {"worker": "consumer", "alive": "XINFO CONSUMERS idle under 10 s"},
     "kafka": {"worker": "group member", "alive": "its in-flight report in Redis, refreshed every second"},
 }
+#: Each system's word for where a booking is, per status state (labkit.status.STATES: the same on every backend).
+BOOKING_WORDS: dict[str, dict[str, str]] = {
+    "bullmq": {
+        "queued": "job in wait", "delayed": "job in delayed", "active": "job active (job.progress)",
+        "retrying": "job delayed for its backoff", "completed": "job completed",
+        "dead_lettered": "job failed, in bookings-dlq",
+    },
+    "streams": {
+        "queued": "entry not yet delivered", "delayed": "in bookings:delayed", "active": "entry pending (PEL)",
+        "retrying": "entry pending, claimed when idle", "completed": "entry acknowledged (XACK)",
+        "dead_lettered": "entry in bookings:dlq",
+    },
+    "kafka": {
+        "queued": "record not yet consumed", "delayed": "record in bookings.delay", "active": "record running",
+        "retrying": "record in bookings.retry", "completed": "offset stored for commit",
+        "dead_lettered": "record in bookings.dlq",
+    },
+}  # fmt: skip
+#: The brokers each backend needs, each with what it holds there (the health panel's words).
+BROKERS: dict[str, list[tuple[str, str]]] = {
+    "bullmq": [("redis", "the queue: BullMQ keeps its jobs in Redis (PING)")],
+    "streams": [("redis", "the stream and its group (PING)")],
+    "kafka": [("kafka", "the topics and the group (an ApiVersions request)"),
+              ("redis", "the lab's ledger and status records (PING)")],
+}  # fmt: skip
+#: Booking states after which a booking's status no longer changes (unless it is sent again, with a new time).
+FINISHED = ("completed", "dead_lettered")
 #: Seconds between two samples of one backend, and how many samples the buffer keeps (10 minutes).
 EVERY_S = 1.0
 KEEP = 600
@@ -86,6 +127,8 @@ class Sample:
             ``{"id", "consumer", "idle_ms", "deliveries"}``.
         dead_letters: the newest dead letters (at most :data:`SHOWN`): ``{"booking_id", "reason", "attempts",
             "source"}``; ``dead_letter_count`` counts them all.
+        bookings: the recent bookings, newest first (see :func:`booking_row`).
+        brokers: the health of each broker the backend needs, also when ``ok`` is False (see :func:`broker_row`).
         error: why the broker did not answer.
     """
 
@@ -103,6 +146,8 @@ class Sample:
     pending: list[dict[str, Any]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     dead_letter_count: int = 0
+    bookings: list[dict[str, Any]] = field(default_factory=list)
+    brokers: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,8 +278,49 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def read_sample(backend: Backend) -> Sample:
-    """Ask ``backend``'s brokers now and shape the answers as a :class:`Sample` (connect first).
+def booking_row(booking_id: str, accepted_at: float, status: BookingStatus | None) -> dict[str, Any]:
+    """One recent booking as the panel shows it, from ``Backend.booking_status`` (None: its status is gone,
+    expired or reset): ``state`` (labkit.status.STATES, or None), ``step`` while active, ``progress`` in percent,
+    ``attempts``, ``reason`` when retrying or dead-lettered, and when it was accepted and last changed."""
+    if status is None:
+        return {"booking_id": booking_id, "accepted_at": accepted_at, "state": None, "step": None, "progress": 0,
+                "attempts": 0, "reason": None, "updated_at": accepted_at}  # fmt: skip
+    return {
+        "booking_id": booking_id,
+        "accepted_at": accepted_at,
+        "state": status.state,
+        "step": status.step,
+        "progress": status.progress,
+        "attempts": status.attempts,
+        "reason": status.reason,
+        "updated_at": status.updated_at,
+    }
+
+
+def broker_row(
+    service: str, address: str, server: str | None, round_trip_ms: float | None, error: str | None
+) -> dict[str, Any]:
+    """One broker's health: ``broker`` (``redis`` or ``kafka``), ``answers``, the ``server`` that answered (product
+    and version, as ``labkit status`` names it), one request's ``round_trip_ms``, or the ``error``."""
+    return {
+        "broker": service,
+        "address": address,
+        "answers": error is None,
+        "server": server,
+        "round_trip_ms": None if round_trip_ms is None else round(round_trip_ms, 2),
+        "error": error,
+    }
+
+
+async def read_sample(
+    backend: Backend, letters_of: Callable[[Mapping[str, int]], Awaitable[Sequence[Mapping[str, Any]]]] | None = None
+) -> Sample:
+    """Ask ``backend``'s brokers now and shape the answers as a :class:`Sample` (connect first); without the
+    recent bookings and the broker health, which a :class:`Sampler` adds.
+
+    Args:
+        backend: the connected backend.
+        letters_of: how to get the dead letters, given the ledger's counts [default: ``backend.dead_letters()``].
 
     Raises:
         LabkitError, RedisError, OSError: a broker did not answer.
@@ -242,7 +328,7 @@ async def read_sample(backend: Backend) -> Sample:
     at = time.time()
     counts = await backend.ledger.counts()
     depths = await backend.queue_depths()
-    letters = await backend.dead_letters()
+    letters = await (letters_of(counts) if letters_of is not None else backend.dead_letters())
     if backend.name == "bullmq":
         return bullmq_sample(at, counts, depths, await backend.queue.get_workers(), letters)  # type: ignore[attr-defined]
     if backend.name == "streams":
@@ -256,6 +342,99 @@ async def read_sample(backend: Backend) -> Sample:
             consumers, pending = [], []
         return streams_sample(at, counts, depths, consumers, pending, letters, LIVE_IDLE_MS)
     return kafka_sample(at, counts, depths, await backend.worker_reports(), letters)  # type: ignore[attr-defined]
+
+
+def _one_line(error: BaseException) -> str:
+    return (str(error) or type(error).__name__).splitlines()[0]
+
+
+class BackendWatch:
+    """One backend as one sampler task sees it, sample after sample: its connections, the names of the servers
+    that answered, the recent bookings already seen finished (not read again until sent again), and the dead
+    letters with the count they were read at (read again when it changes).
+
+    Args:
+        backend: the backend (connected by the watch).
+        config: the lab (its addresses).
+    """
+
+    def __init__(self, backend: Backend, config: Config) -> None:
+        self.backend = backend
+        self.config = config
+        self.servers: dict[str, str] = {}
+        self.finished: dict[tuple[str, float], dict[str, Any]] = {}
+        self.letters: tuple[int, Sequence[Mapping[str, Any]]] | None = None
+
+    async def sample(self) -> Sample:
+        """A sample now: the brokers' health first; the rest only when every broker answered."""
+        at = time.time()
+        brokers = await self.health()
+        down = next((b for b in brokers if not b["answers"]), None)
+        if down is not None:
+            return Sample(backend=self.backend.name, at=at, ok=False, brokers=brokers, error=down["error"])
+        try:
+            sample = await read_sample(self.backend, self.dead_letters)
+            bookings = await self.bookings()
+        except (LabkitError, RedisError, OSError) as e:
+            return Sample(backend=self.backend.name, at=at, ok=False, brokers=brokers, error=_one_line(e))
+        return dataclasses.replace(sample, bookings=bookings, brokers=brokers)
+
+    async def health(self) -> list[dict[str, Any]]:
+        """Each broker of :data:`BROKERS`: one request timed (Redis PING, Kafka ApiVersions), and the server's name,
+        asked once while it keeps answering (``labkit status``'s probe, in a thread)."""
+        rows = []
+        for service, _ in BROKERS[self.backend.name]:
+            round_trip_ms, error = await self._round_trip(service)
+            if error is not None:
+                self.servers.pop(service, None)  # it may come back as another server
+            elif service not in self.servers:
+                self.servers[service] = await asyncio.to_thread(self._server, service)
+            address = self.config.kafka_bootstrap if service == "kafka" else self.config.redis_url
+            rows.append(broker_row(service, address, self.servers.get(service), round_trip_ms, error))
+        return rows
+
+    def _server(self, service: str) -> str:
+        """The server's product and version as ``labkit status`` names it (its Kafka probe is a client: it takes
+        its turn with topic changes, see labkit/backends/kafka/topic_changes.py)."""
+        with topic_changes.reading(self.config.kafka_bootstrap) if service == "kafka" else contextlib.nullcontext():
+            [status] = Stack(self.config, services=[service]).status()
+        return status.kind
+
+    async def _round_trip(self, service: str) -> tuple[float | None, str | None]:
+        """Milliseconds of one request (Redis: PING on the backend's connection; Kafka: ApiVersions, on a socket of
+        its own, since no Kafka client may live across a topic's re-creation), or why there was no answer."""
+        try:
+            if service == "kafka":
+                return await asyncio.to_thread(kafka_round_trip_ms, *self.config.kafka_address), None
+            await self.backend.connect()
+            started = time.perf_counter()
+            await self.backend.redis.ping()
+        except (LabkitError, RedisError, OSError) as e:
+            return None, _one_line(e)
+        return (time.perf_counter() - started) * 1000, None
+
+    async def dead_letters(self, counts: Mapping[str, int]) -> Sequence[Mapping[str, Any]]:
+        """The dead letters, read again only when the ledger's count of them changed (a Kafka read is a consumer of
+        its own: half of what a Kafka sample cost the process and the broker)."""
+        count = counts.get("dead_lettered", 0)
+        if self.letters is None or self.letters[0] != count:
+            self.letters = (count, await self.backend.dead_letters())
+        return self.letters[1]
+
+    async def bookings(self) -> list[dict[str, Any]]:
+        """The recent bookings, newest first: each unfinished one's status read now, a finished one's remembered."""
+        rows = []
+        recent = await self.backend.recent_bookings.read(self.backend.redis)
+        for booking_id, accepted_at in recent:
+            row = self.finished.get((booking_id, accepted_at))
+            if row is None:
+                row = booking_row(booking_id, accepted_at, await self.backend.booking_status(booking_id))
+                if row["state"] in FINISHED or row["state"] is None:  # None: its record expired, for good
+                    self.finished[(booking_id, accepted_at)] = row
+            rows.append(row)
+        shown = set(recent)
+        self.finished = {key: row for key, row in self.finished.items() if key in shown}
+        return rows
 
 
 def with_throughput(sample: Sample, previous: Sample | None) -> Sample:
@@ -339,19 +518,12 @@ class Sampler:
         self._changed = asyncio.Event()
 
     async def _sample_forever(self, name: str) -> None:
-        backend = get_backend(name)(self.config)
+        watch = BackendWatch(get_backend(name)(self.config), self.config)
         try:
             while True:
                 started = time.monotonic()
-                self._add(await self._sample(backend))
+                self._add(await watch.sample())
                 await asyncio.sleep(max(self.every_s - (time.monotonic() - started), 0.05))
         finally:
             with contextlib.suppress(LabkitError, RedisError, OSError):
-                await backend.close()
-
-    async def _sample(self, backend: Backend) -> Sample:
-        try:
-            await backend.connect()
-            return await read_sample(backend)
-        except (LabkitError, RedisError, OSError) as e:
-            return Sample(backend=backend.name, at=time.time(), ok=False, error=str(e).splitlines()[0])
+                await watch.backend.close()

@@ -952,6 +952,24 @@ def _parse_finalized_features(answer: bytes) -> dict[str, int]:
     return features
 
 
+def kafka_round_trip_ms(host: str, port: int) -> float:
+    """Milliseconds from connecting to the first bytes of the answer to one ApiVersions request (the probe of
+    ``labkit status``), without a Kafka client: the dashboard's health check must not keep a librdkafka metadata
+    cache alive across a topic's re-creation (labkit/backends/kafka/topic_changes.py).
+
+    Raises:
+        StackError: nothing answers at ``host:port`` within a second, or not in the Kafka protocol.
+    """
+    started = time.perf_counter()
+    try:
+        reply = _exchange(host, port, _KAFKA_API_VERSIONS, 8)
+    except _NotListening as e:
+        raise StackError(f"Kafka is not answering at {host}:{port} ({e})") from None
+    if len(reply) < 8 or struct.unpack(">i", reply[4:8])[0] != _KAFKA_CORRELATION_ID:
+        raise StackError(f"what answers at {host}:{port} does not speak the Kafka protocol")
+    return (time.perf_counter() - started) * 1000
+
+
 def _exchange(host: str, port: int, request: bytes, size: int, framed: bool = False) -> bytes:
     """Send ``request`` and return up to ``size`` bytes of the reply (fewer if the peer hangs up or stays silent).
 

@@ -39,6 +39,8 @@ STEPS = ("validate", "charge_payment", "write_confirmation", "send_email", "upda
 STATUS_TTL_S = 3600
 #: Transitions kept per booking and backend (a booking sent again and again keeps only its latest story).
 HISTORY_LIMIT = 200
+#: Bookings the index of recent ones keeps per backend (the dashboard's "recent bookings" panel shows them).
+RECENT_KEPT = 8
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -167,17 +169,48 @@ class StatusRecords:
     async def append(self, entries: Iterable[tuple[str, Transition]]) -> None:
         """Append ``(booking_id, transition)`` pairs in one round trip, keeping each history short and fresh."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for booking_id, transition in entries:
-                key = self.key(booking_id)
-                pipe.rpush(key, _encode(transition.to_dict()))
-                pipe.ltrim(key, -HISTORY_LIMIT, -1)
-                pipe.expire(key, STATUS_TTL_S)
+            self.queue(pipe, entries)
             await pipe.execute()
+
+    def queue(self, pipe: Any, entries: Iterable[tuple[str, Transition]]) -> None:
+        """Queue the commands of :meth:`append` on a pipeline the caller executes (with its own commands)."""
+        for booking_id, transition in entries:
+            key = self.key(booking_id)
+            pipe.rpush(key, _encode(transition.to_dict()))
+            pipe.ltrim(key, -HISTORY_LIMIT, -1)
+            pipe.expire(key, STATUS_TTL_S)
 
     async def read(self, booking_id: str) -> list[Transition]:
         """The booking's transitions as written (possibly out of time order), empty if it has none."""
         raw = await self.redis.lrange(self.key(booking_id), 0, -1)
         return [Transition.from_dict(json.loads(line)) for line in raw]
+
+
+class RecentBookings:
+    """The newest bookings a producer tracks on one backend: a sorted set ``lab:<ns><backend>:recent`` of booking
+    ids scored by the time each was accepted, trimmed to :data:`RECENT_KEPT`.
+
+    Status records are found by booking id, and nothing else lists them, so the dashboard's "recent bookings" panel
+    reads this index (one ZREVRANGE a sample) and then each booking's status. The producer writes it in the round
+    trip that starts the bookings' status (two commands a batch); a booking sent again moves to the front, with its
+    new time (which tells the sampler that a booking it saw finish is running again).
+    """
+
+    def __init__(self, names: Names, backend: str) -> None:
+        self.key = names.key(backend, "recent")
+
+    def queue(self, pipe: Any, accepted: Iterable[Accepted]) -> None:
+        """Queue the commands that add ``accepted`` on a pipeline the caller executes."""
+        newest = {a.booking_id: a.at for a in accepted}
+        if newest:
+            pipe.zadd(self.key, newest)
+            pipe.zremrangebyrank(self.key, 0, -RECENT_KEPT - 1)
+            pipe.expire(self.key, STATUS_TTL_S)
+
+    async def read(self, redis: Redis) -> list[tuple[str, float]]:
+        """``(booking_id, accepted_at)`` of the kept bookings, newest first."""
+        found = await redis.zrevrange(self.key, 0, RECENT_KEPT - 1, withscores=True)
+        return [(m.decode() if isinstance(m, bytes) else str(m), float(at)) for m, at in found]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,15 @@ from typing import Any, ClassVar, TypeVar
 from labkit.booking import booking_id_of, encode
 from labkit.config import Config
 from labkit.errors import BrokerUnavailable
-from labkit.status import Accepted, BookingStatus, LabStatusRecorder, StatusRecorder, StatusRecords, summarize
+from labkit.status import (
+    Accepted,
+    BookingStatus,
+    LabStatusRecorder,
+    RecentBookings,
+    StatusRecorder,
+    StatusRecords,
+    summarize,
+)
 from labkit.workflow import BookingHandler, Delivery, Ledger, Result, WorkerSettings
 
 T = TypeVar("T")
@@ -221,9 +229,18 @@ class Backend(ABC):
         """What a worker of this backend records its bookings' transitions with: the lab's status records."""
         return LabStatusRecorder(self.status_records, worker, self.retry_delay_s)
 
+    @property
+    def recent_bookings(self) -> RecentBookings:
+        """The index of the newest bookings a producer tracked on this backend (the dashboard reads it)."""
+        return RecentBookings(self.names, self.name)
+
     async def track_accepted(self, accepted: Sequence[Accepted]) -> None:
-        """Start the status of bookings a producer just sent: ``queued``, or ``delayed`` until their due time."""
-        await self.status_records.append((a.booking_id, a.transition()) for a in accepted)
+        """Start the status of bookings a producer just sent (``queued``, or ``delayed`` until their due time), and
+        put them in the index of recent bookings, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self.status_records.queue(pipe, ((a.booking_id, a.transition()) for a in accepted))
+            self.recent_bookings.queue(pipe, accepted)
+            await pipe.execute()
 
     async def booking_status(self, booking_id: str) -> BookingStatus | None:
         """Where ``booking_id`` is on this backend, with its history; None when this backend never saw it."""

@@ -512,7 +512,8 @@ class BullMQBackend(Backend):
         return JobProgressRecorder(self.queue, worker, self.retry_delay_s)
 
     async def track_accepted(self, accepted: Sequence[Accepted]) -> None:
-        """Remember each booking's job id, as an application stores the id ``queue.add`` returned.
+        """Remember each booking's job id, as an application stores the id ``queue.add`` returned (and put the
+        bookings in the index of recent ones).
 
         Everything else about the job (waiting or delayed, its due time) BullMQ keeps itself.
         """
@@ -520,6 +521,7 @@ class BullMQBackend(Backend):
             for item in accepted:
                 pipe.rpush(self._jobs_key(item.booking_id), item.where)
                 pipe.expire(self._jobs_key(item.booking_id), STATUS_TTL_S)
+            self.recent_bookings.queue(pipe, accepted)
             await pipe.execute()
 
     async def booking_status(self, booking_id: str) -> BookingStatus | None:

@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field
 from labkit.config import BACKENDS
 from labkit.errors import LabkitError
 from labkit.pool import WorkerPool
-from labkit.sampler import STATES, TERMS, WORDS, Sampler
+from labkit.sampler import BOOKING_WORDS, BROKERS, STATES, TERMS, WORDS, Sampler
+from labkit.status import STATES as BOOKING_STATES
 
 STATIC = Path(__file__).parent / "static"
 #: Most worker processes per backend the page may ask for.
@@ -44,7 +45,8 @@ def _encode(event: str, data: Any) -> str:
 
 
 def _hello(sampler: Sampler, pools: dict[str, WorkerPool] | None) -> dict[str, Any]:
-    """What the page needs once: names and words, the sampling period, and the charts' points so far."""
+    """What the page needs once: names and words (states, bookings' states, what each broker holds), the sampling
+    period, and the charts' points so far."""
     series = {
         name: [{"at": s.at, "throughput": s.throughput, "backlog": s.backlog} for s in sampler.history(name) if s.ok]
         for name in sampler.backends
@@ -54,6 +56,9 @@ def _hello(sampler: Sampler, pools: dict[str, WorkerPool] | None) -> dict[str, A
         "states": list(STATES),
         "words": WORDS,
         "terms": TERMS,
+        "booking_states": list(BOOKING_STATES),
+        "booking_words": BOOKING_WORDS,
+        "brokers": {name: dict(brokers) for name, brokers in BROKERS.items()},
         "every_s": sampler.every_s,
         "scalable": pools is not None,
         "max_workers": MAX_WORKERS,

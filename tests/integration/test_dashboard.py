@@ -1,14 +1,15 @@
 """The dashboard of ``labkit serve`` (``/dashboard``) in a real headless Chromium, against the real stack.
 
 Posted bookings move the counts and the charts (and the delay from a booking completing to its count changing on
-the page is measured), "+1 worker" shows the new worker (Kafka: it takes partitions), a dead letter's Replay
-button sends it again and it completes, and a stopped broker greys its panels (on a private stack, never the
-shared test stack). Debian's ``chromium`` driven by Playwright for Python; run with ``pytest --browser``.
+the page is measured), a posted booking shows in every column's recent bookings with its state and progress until
+it completes, "+1 worker" shows the new worker (Kafka: it takes partitions), a dead letter's Replay button sends it
+again and it completes, and a stopped broker shows as not answering in the broker health and greys the other
+panels of its column (on a private stack, never the shared test stack). Debian's ``chromium`` driven by Playwright
+for Python; run with ``pytest --browser``.
 """
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 
 from labkit.config import BACKENDS
+from labkit.errors import LabkitError
 from labkit.lessons.service import BookingService, free_port
+from labkit.service.browser import headless_chromium
 from labkit.stack import PrivateStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis, pytest.mark.kafka, pytest.mark.browser]
@@ -31,18 +34,10 @@ UPDATE_BOUND_S = 5.0
 def chromium() -> Iterator[Any]:
     """Debian's Chromium under Playwright; a missing one fails loudly with what to install."""
     try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail('the browser tests need Playwright: python3 -m pip install -e ".[browser]"', pytrace=False)
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.fail("the browser tests need Chromium: apt-get install -y chromium", pytrace=False)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable)
-        try:
+        with headless_chromium() as browser:
             yield browser
-        finally:
-            browser.close()
+    except LabkitError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +111,39 @@ def test_posted_bookings_move_the_counts_and_the_charts(chromium: Any, service: 
     page.close()
 
 
+def test_a_posted_booking_shows_in_recent_bookings_with_its_progress(chromium: Any, service: BookingService) -> None:
+    page = open_dashboard(chromium, service.url)
+    # The page notes every (state, progress) it shows for the booking, in each column, as it changes.
+    page.evaluate(
+        """() => { window.seen = {bullmq: [], streams: [], kafka: []};
+        for (const b of Object.keys(window.seen)) {
+          const watch = () => { const id = window.watched; if (!id) return;
+            const cell = document.querySelector(`#backend-${b} [data-booking='${id}']`);
+            if (!cell) return;
+            const row = cell.closest("tr");
+            const shown = row.querySelector("[data-state]").textContent + " " + row.querySelector("progress").value;
+            const list = window.seen[b];
+            if (list[list.length - 1] !== shown) list.push(shown); };
+          new MutationObserver(watch).observe(document.getElementById(`backend-${b}`),
+                                              {subtree: true, childList: true, characterData: true, attributes: true});
+        } }"""
+    )
+    booking_id = f"bk-slow-{uuid.uuid4().hex[:8]}"
+    page.evaluate("(id) => { window.watched = id; }", booking_id)
+    service.book(**BOOKING, booking_id=booking_id, fault={"slow_ms": 2500})  # 2.5 s at its first step
+    page.wait_for_function(
+        "() => Object.values(window.seen).every(list => list[list.length - 1] === 'completed 100')", timeout=40_000
+    )
+    seen = page.evaluate("() => window.seen")
+    print("what the recent bookings showed of the booking:", seen)
+    for backend in BACKENDS:
+        assert "active 0" in seen[backend], seen[backend]  # at validate while it waited, then done
+        newest = page.inner_text(f"#backend-{backend} [data-panel=bookings] tbody tr >> nth=0")
+        assert newest.startswith(booking_id[:12]) and "100 %" in newest, newest
+    assert not page.errors
+    page.close()
+
+
 def test_plus_one_worker_shows_the_new_worker_and_its_partitions(chromium: Any, service: BookingService) -> None:
     page = open_dashboard(chromium, service.url)
     column = "#backend-kafka"
@@ -155,12 +183,20 @@ def test_a_stopped_broker_greys_its_panels_and_the_others_stay_live(chromium: An
         with BookingService(stack.config, free_port(), workers=0).start() as running:
             page = open_dashboard(chromium, running.url)
             assert page.get_attribute("#backend-kafka", "data-stale") == "false"
+            for backend in BACKENDS:
+                assert page.inner_text(f"#backend-{backend} [data-answers=redis]") == "yes"
+            assert page.inner_text("#backend-kafka [data-answers=kafka]") == "yes"
             stack.stop_service("kafka", hard=True)
             page.wait_for_selector("#backend-kafka[data-stale='true']", timeout=30_000)
-            assert page.locator("#backend-kafka .panel.stale").count() == page.locator("#backend-kafka .panel").count()
+            # Every panel of the column greys out but the broker health, which says which broker is down.
+            data_panels = "#backend-kafka .panel:not([data-panel=health])"
+            assert page.locator(f"{data_panels}.stale").count() == page.locator(data_panels).count() > 0
+            page.wait_for_selector("#backend-kafka [data-answers=kafka].down:has-text('not answering')", timeout=30_000)
+            assert page.inner_text("#backend-kafka [data-answers=redis]") == "yes"  # its bookkeeping is on Redis
             for backend in ("bullmq", "streams"):  # on Redis, still answering
                 assert page.get_attribute(f"#backend-{backend}", "data-stale") == "false"
             page.wait_for_selector("#backend-kafka [data-broker]:has-text('not answering')", timeout=30_000)
+            assert not page.errors
             page.close()
     finally:
         stack.close()

@@ -14,6 +14,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # documented import path
 
+from labkit.backends.kafka import topic_changes
 from labkit.backends.kafka.settings import CONNECT_TIMEOUT_S, client_config, unavailable
 from labkit.errors import BackendError
 
@@ -59,23 +60,25 @@ class TopicAdmin:
         Raises:
             BackendError: a topic could not be created, or did not appear in time.
         """
-        existing = self.topic_partitions()
-        deadline = time.monotonic() + TOPIC_WAIT_S
-        while missing := [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]:
-            futures = self.client.create_topics(missing, request_timeout=CONNECT_TIMEOUT_S)
-            for topic, future in futures.items():
-                try:
-                    self.result(future)
-                except KafkaException as e:
-                    # Already there (a concurrent setup), or on Apache Kafka still marked for deletion: look again.
-                    if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                        raise BackendError(f"could not create Kafka topic {topic!r}: {e.args[0].str()}") from None
+        with topic_changes.changing(self.bootstrap):  # no reader of ours sees a topic re-created
             existing = self.topic_partitions()
-            if any(t not in existing for t in wanted):
-                if time.monotonic() > deadline:
-                    raise BackendError(f"Kafka topics {sorted(set(wanted) - set(existing))} did not appear; try again")
-                time.sleep(0.2)
-        return existing
+            deadline = time.monotonic() + TOPIC_WAIT_S
+            while missing := [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]:
+                futures = self.client.create_topics(missing, request_timeout=CONNECT_TIMEOUT_S)
+                for topic, future in futures.items():
+                    try:
+                        self.result(future)
+                    except KafkaException as e:
+                        # Already there (a concurrent setup), or on Apache Kafka still marked for deletion: look again.
+                        if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                            raise BackendError(f"could not create Kafka topic {topic!r}: {e.args[0].str()}") from None
+                existing = self.topic_partitions()
+                if any(t not in existing for t in wanted):
+                    if time.monotonic() > deadline:
+                        missed = sorted(set(wanted) - set(existing))
+                        raise BackendError(f"Kafka topics {missed} did not appear; try again")
+                    time.sleep(0.2)
+            return existing
 
     def delete_topics(self, topics: list[str]) -> None:
         """Delete those of ``topics`` that exist, and wait until they are gone (so they can be created again).
@@ -83,19 +86,20 @@ class TopicAdmin:
         Raises:
             BackendError: the broker refused, or they were still being deleted after a while.
         """
-        present = [t for t in topics if t in self.topic_partitions()]
-        if present:
-            for topic, future in self.client.delete_topics(present, request_timeout=CONNECT_TIMEOUT_S).items():
-                try:
-                    self.result(future)
-                except KafkaException as e:
-                    if e.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                        raise BackendError(f"could not delete Kafka topic {topic!r}: {e.args[0].str()}") from None
-        deadline = time.monotonic() + TOPIC_WAIT_S
-        while any(t in self.topic_partitions() for t in topics):
-            if time.monotonic() > deadline:
-                raise BackendError(f"Kafka topics {topics} are still being deleted; try again")
-            time.sleep(0.2)
+        with topic_changes.changing(self.bootstrap):
+            present = [t for t in topics if t in self.topic_partitions()]
+            if present:
+                for topic, future in self.client.delete_topics(present, request_timeout=CONNECT_TIMEOUT_S).items():
+                    try:
+                        self.result(future)
+                    except KafkaException as e:
+                        if e.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                            raise BackendError(f"could not delete Kafka topic {topic!r}: {e.args[0].str()}") from None
+            deadline = time.monotonic() + TOPIC_WAIT_S
+            while any(t in self.topic_partitions() for t in topics):
+                if time.monotonic() > deadline:
+                    raise BackendError(f"Kafka topics {topics} are still being deleted; try again")
+                time.sleep(0.2)
 
     def delete_group(self, group: str) -> None:
         """Delete a consumer group that has no members (a missing one is fine).

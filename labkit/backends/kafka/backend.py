@@ -60,8 +60,13 @@ class KafkaBackend(Backend):
         self._consuming = 0
 
     async def close(self) -> None:
-        """Flush the producer, drop the Kafka clients, then close Redis."""
-        await asyncio.to_thread(self.producer.flush)
+        """Flush the producer, drop the Kafka clients, then close Redis.
+
+        A backend that never produced (the dashboard's sampler) needs no thread for it: at interpreter exit, when
+        a kernel shuts down with a view open, none is to be had any more.
+        """
+        if self.producer.started:
+            await asyncio.to_thread(self.producer.flush)
         self.admin = TopicAdmin(self.config.kafka_bootstrap)
         await super().close()
 
@@ -301,7 +306,8 @@ class KafkaBackend(Backend):
         ``reported_ago_s``, how long ago it last refreshed the report (from the key's remaining time to live).
         """
         prefix = self.ledger.key("inflight", "")
-        keys = [key async for key in self.redis.scan_iter(match=f"{prefix}*", count=100)]
+        # SCAN walks the whole keyspace, every namespace's keys: a thousand keys a call keeps it to a call or two.
+        keys = [key async for key in self.redis.scan_iter(match=f"{prefix}*", count=1000)]
         if not keys:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -11,9 +11,9 @@ short fetch instead: a throwaway consumer is assigned the partitions, fetches on
 partition (a record, or the end-of-partition event), and reads the watermark librdkafka
 cached from that Fetch response.
 
-The consumers here are short-lived on purpose: a live librdkafka consumer on a topic that
-another process deletes (``labkit reset``) crashed the Python process on the embedded
-broker, so nothing here stays assigned to a topic between calls. One call costs about
+The consumers here are short-lived on purpose: a librdkafka client that sees a topic deleted and
+created again (``labkit reset``) crashes the process (topic_changes.py), so nothing here stays
+assigned to a topic between calls, and each call holds ``topic_changes.reading`` for its life. One call costs about
 one connection plus one fetch round trip (~50-100 ms locally).
 """
 
@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from labkit.backends.kafka import topic_changes
 from labkit.backends.kafka.records import headers_of
 from labkit.backends.kafka.settings import CONNECT_TIMEOUT_S, unavailable
 from labkit.errors import BackendError
@@ -145,32 +146,33 @@ def group_lag(
         BrokerUnavailable: the broker does not answer.
         BackendError: a partition did not answer a fetch within ``timeout_s``.
     """
-    deadline = time.monotonic() + timeout_s
-    consumer = _reader(client_config, group_id)
-    try:
-        partitions = _partitions(consumer, topics, bootstrap)
-        if not partitions:
-            return {}
+    with topic_changes.reading(bootstrap):  # alive while no topic is re-created (topic_changes.py)
+        deadline = time.monotonic() + timeout_s
+        consumer = _reader(client_config, group_id)
         try:
-            committed = consumer.committed(partitions, timeout=CONNECT_TIMEOUT_S)
-        except KafkaException:
-            raise unavailable(bootstrap) from None
-        # Start where the group would resume, so a fetch downloads at most one batch of backlog.
-        consumer.assign(
-            [
-                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                for tp in committed
-            ]
-        )
-        marks = _fetch_once(consumer, partitions, deadline)
-        lag: dict[str, int] = {}
-        for tp in committed:
-            low, high = marks[(tp.topic, tp.partition)]
-            start = tp.offset if tp.offset >= 0 else max(low, 0)
-            lag[f"{tp.topic}/{tp.partition}"] = max(high - start, 0)
-        return lag
-    finally:
-        consumer.close()
+            partitions = _partitions(consumer, topics, bootstrap)
+            if not partitions:
+                return {}
+            try:
+                committed = consumer.committed(partitions, timeout=CONNECT_TIMEOUT_S)
+            except KafkaException:
+                raise unavailable(bootstrap) from None
+            # Start where the group would resume, so a fetch downloads at most one batch of backlog.
+            consumer.assign(
+                [
+                    TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                    for tp in committed
+                ]
+            )
+            marks = _fetch_once(consumer, partitions, deadline)
+            lag: dict[str, int] = {}
+            for tp in committed:
+                low, high = marks[(tp.topic, tp.partition)]
+                start = tp.offset if tp.offset >= 0 else max(low, 0)
+                lag[f"{tp.topic}/{tp.partition}"] = max(high - start, 0)
+            return lag
+        finally:
+            consumer.close()
 
 
 def read_topic(
@@ -184,15 +186,16 @@ def read_topic(
         BrokerUnavailable: the broker does not answer.
         BackendError: a partition did not reach its end within ``timeout_s``.
     """
-    deadline = time.monotonic() + timeout_s
-    consumer = _reader(client_config, group_id, **{"max.partition.fetch.bytes": 1024 * 1024})
-    try:
-        partitions = _partitions(consumer, [topic], bootstrap)
-        if not partitions:
-            return []
-        consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in partitions])
-        records: list[Record] = []
-        _fetch_once(consumer, partitions, deadline, keep=records)
-        return sorted(records, key=lambda r: (r.partition, r.offset))
-    finally:
-        consumer.close()
+    with topic_changes.reading(bootstrap):  # alive while no topic is re-created (topic_changes.py)
+        deadline = time.monotonic() + timeout_s
+        consumer = _reader(client_config, group_id, **{"max.partition.fetch.bytes": 1024 * 1024})
+        try:
+            partitions = _partitions(consumer, [topic], bootstrap)
+            if not partitions:
+                return []
+            consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in partitions])
+            records: list[Record] = []
+            _fetch_once(consumer, partitions, deadline, keep=records)
+            return sorted(records, key=lambda r: (r.partition, r.offset))
+        finally:
+            consumer.close()

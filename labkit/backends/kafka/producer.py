@@ -40,6 +40,11 @@ class RecordProducer:
             self._producer = Producer(producer_config(self.bootstrap))
         return self._producer
 
+    @property
+    def started(self) -> bool:
+        """A librdkafka producer exists (something was sent, or is about to be): there is something to flush."""
+        return self._producer is not None
+
     def flush(self, timeout: float = 5.0) -> None:
         """Wait for what is in flight, then forget the producer (the next send makes a new one)."""
         producer, self._producer = self._producer, None

@@ -3,6 +3,7 @@
 "use strict";
 
 const TITLES = { bullmq: "BullMQ", streams: "Redis Streams", kafka: "Kafka" };
+const BROKERS = { redis: "Redis", kafka: "Kafka" };
 const KEEP = 600; // points per chart: the sampler's 10 minutes
 const board = { hello: null, columns: {}, last: {}, lastGood: {} };
 window.labkitDashboard = board; // read by the browser tests
@@ -36,12 +37,18 @@ function fill(body, rows, columns, empty, numeric = []) {
   }
 }
 
-function panel(column, key, title) {
+// A panel shows the last good sample, or (fromLatest: broker health) the newest one, good or not: a broker that
+// does not answer is news, not stale data. Either way it greys out once its sample is three periods old.
+function panel(column, key, title, fromLatest = false) {
   const updated = el("span", { class: "updated", "data-updated": key, text: "no sample yet" });
   const node = el("div", { class: "panel", "data-panel": key }, el("h3", {}, el("span", { text: title }), updated));
-  column.panels.push({ node, updated });
+  column.panels.push({ node, updated, fromLatest });
   column.section.append(node);
   return node;
+}
+
+function short(id) {
+  return id.length <= 14 ? id : `${id.slice(0, 12)}…`;
 }
 
 function seconds(s) {
@@ -69,6 +76,11 @@ function build(hello) {
     section.append(el("h2", { id: `title-${name}`, text: TITLES[name] || name }));
     column.broker = el("p", { class: "broker", role: "status", "data-broker": name, text: "waiting for the first sample…" });
     section.append(column.broker);
+
+    const health = table(`${TITLES[name]} broker health`, ["Broker", "Answers", "Server", "Round trip"], [3]);
+    column.health = health.body;
+    const holds = Object.entries(hello.brokers[name]).map(([b, word]) => `${BROKERS[b] || b}: ${word}`).join("; ");
+    panel(column, "health", "Broker health", true).append(health.node, el("p", { class: "word", text: holds }));
 
     const states = table(`${TITLES[name]} states`, ["State", "Count", `${TITLES[name]}'s word`], [1]);
     column.states = states.body;
@@ -103,6 +115,10 @@ function build(hello) {
       column.pending = pending.body;
       panel(column, "pending", "Pending entries (XPENDING)").append(el("div", { class: "scroll" }, pending.node));
     }
+    const bookings = table(`${TITLES[name]} recent bookings`, ["Booking", "State", "Progress", "Changed"]);
+    column.bookings = bookings.body;
+    panel(column, "bookings", "Recent bookings").append(el("div", { class: "scroll" }, bookings.node));
+
     const letters = table(`${TITLES[name]} dead letters`, ["Booking", "Reason", "Attempts", "Replay"], [2]);
     column.letters = letters.body;
     column.lettersNote = el("span", { class: "note", role: "status" });
@@ -138,6 +154,9 @@ function update(sample) {
   const column = board.columns[sample.backend];
   if (!column) return;
   board.last[sample.backend] = sample;
+  fill(column.health, sample.brokers.map((b) => [BROKERS[b.broker] || b.broker,
+    el("span", { "data-answers": b.broker, class: b.answers ? "" : "down", text: b.answers ? "yes" : `no: ${b.error}` }),
+    b.server ?? "–", b.round_trip_ms === null ? "–" : `${b.round_trip_ms.toFixed(1)} ms`]), 4, "", [3]);
   if (!sample.ok) {
     column.broker.textContent = `broker not answering: ${sample.error}`;
     column.broker.classList.add("down");
@@ -161,6 +180,14 @@ function update(sample) {
     fill(column.pending, sample.pending.map((e) => [e.id, e.consumer, `${(e.idle_ms / 1000).toFixed(1)} s`, e.deliveries]),
       4, "nothing pending", [2, 3]);
   }
+  const bookingWords = board.hello.booking_words[sample.backend];
+  fill(column.bookings, sample.bookings.map((b) => [
+    el("span", { "data-booking": b.booking_id, title: b.booking_id, text: short(b.booking_id) }),
+    el("span", {}, el("span", { "data-state": b.state ?? "expired", text: b.state ?? "expired" }),
+      el("br"), el("span", { class: "word", text: bookingWords[b.state] ?? "no status record" })),
+    el("span", {}, el("progress", { max: "100", value: String(b.progress), "aria-label": `${b.booking_id}: ${b.progress} %` }),
+      ` ${b.progress} %${b.step ? " " + b.step : ""}`),
+    seconds(now - b.updated_at)]), 4, "none yet: post bookings to the service");
   fill(column.letters, sample.dead_letters.map((d) => [d.booking_id ?? "(not a booking)", d.reason, d.attempts,
     d.booking_id ? el("button", { type: "button", "data-replay": d.booking_id, text: "Replay",
       "aria-label": `replay ${d.booking_id}`, on: { click: () => replay(column, d.booking_id) } }) : "–"]),
@@ -178,13 +205,13 @@ function tick() {
   const now = Date.now() / 1000;
   const staleAfter = 3 * board.hello.every_s;
   for (const [name, column] of Object.entries(board.columns)) {
-    const good = board.lastGood[name];
-    const age = good ? now - good.at : Infinity;
-    const stale = age > staleAfter + 0.5;
+    const ageOf = (sample) => sample ? now - sample.at : Infinity;
+    const stale = ageOf(board.lastGood[name]) > staleAfter + 0.5;
     column.section.dataset.stale = String(stale);
     for (const p of column.panels) {
-      p.node.classList.toggle("stale", stale);
-      p.updated.textContent = good ? `updated ${seconds(age)}` : "no sample yet";
+      const sample = p.fromLatest ? board.last[name] : board.lastGood[name];
+      p.node.classList.toggle("stale", ageOf(sample) > staleAfter + 0.5);
+      p.updated.textContent = sample ? `updated ${seconds(ageOf(sample))}` : "no sample yet";
     }
   }
 }
