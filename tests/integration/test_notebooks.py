@@ -17,7 +17,9 @@ How a lesson is run, and why this way (one execution per notebook: the set must 
    then nbval, would double the time. Here the one execution is nbval's own.
 3. A small plugin (tests/nbval_plugin.py) keeps what that execution printed and writes the executed
    copy next to the parameterised one, outside ``notebooks/``, and fails the run if a worker
-   process is still alive at the last cell.
+   process is still alive at the last cell. The child pytest loads only nbval and that plugin
+   (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): importing every installed plugin (hypothesis, schemathesis)
+   cost each run seconds, on every lesson.
 4. After the run, no process started by it (kernel, workers, a broker) may be left: each carries
    the run's marker variable in its environment. The stack itself belongs to the session fixture.
 
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,52 +59,54 @@ from notebook_checks import (
 )
 
 TESTS = Path(__file__).resolve().parents[1]
-#: The target is 90 s per lesson on 2 shared cores (and 10 minutes for the set); this limit leaves
-#: a loaded runner some room, and still catches a lesson that has grown past its budget.
-NOTEBOOK_LIMIT_S = 120
 #: One cell may take this long before nbval interrupts the kernel.
 CELL_TIMEOUT_S = 150
-#: A run still going after this is stopped, with everything it started.
-RUN_TIMEOUT_S = 2 * NOTEBOOK_LIMIT_S
+#: A run still going after this is stopped, with everything it started. A guard against a hang, not a time
+#: budget: how long a lesson takes is measured by benchmarks/lessons.py (docs/lessons.md), since a timed test
+#: fails on a loaded runner (07 took 145 s here with three busy loops beside it, against 85 s on a quiet one).
+RUN_TIMEOUT_S = 300
 #: Time for the kernel's children to exit after nbval stopped it (SIGKILL on parent death is asynchronous).
 LEFTOVER_GRACE_S = 10
 #: The environment variable, with a fresh value per run, that every process of the run inherits.
 MARKER = "LABKIT_NOTEBOOK_RUN"
 
 
-def run_nbval(notebook: Path, folder: Path) -> tuple[subprocess.CompletedProcess[str], Path, float]:
-    """Run ``notebook`` once under ``pytest --nbval-lax``; returns the result, the executed copy and the seconds taken.
+def run_nbval(
+    notebooks: Sequence[Path], folder: Path, timeout: float = RUN_TIMEOUT_S
+) -> tuple[subprocess.CompletedProcess[str], list[Path], float]:
+    """Run ``notebooks`` once under ``pytest --nbval-lax``, one after the other in one child pytest, each in a
+    kernel of its own; returns the result, the executed copies (in order) and the seconds taken.
 
     Raises:
         AssertionError: the run took far too long, or a process it started was still alive after it ended.
     """
     (folder / "pytest.ini").write_text("[pytest]\n")  # this project's pytest settings are not for nbval's run
-    executed = folder / "executed" / notebook.name
-    executed.parent.mkdir(exist_ok=True)
+    executed = [folder / "executed" / notebook.name for notebook in notebooks]
+    names = ", ".join(notebook.name for notebook in notebooks)
     token = uuid.uuid4().hex
     marker = f"{MARKER}={token}"
-    env = {**os.environ, MARKER: token}
+    env = {**os.environ, MARKER: token, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     # This checkout's labkit, whatever is installed (a second clone, a worktree), and the plugin next to the tests.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS.parent), str(TESTS), env.get("PYTHONPATH")]))
     command = [
-        sys.executable, "-m", "pytest", str(notebook),
-        "--nbval-lax", "--nbval-current-env", f"--nbval-cell-timeout={CELL_TIMEOUT_S}",
-        "-p", "nbval_plugin", f"--executed-copy={executed}", f"--run-marker={marker}",
+        sys.executable, "-m", "pytest", *map(str, notebooks),
+        "-p", "nbval.plugin", "--nbval-lax", "--nbval-current-env", f"--nbval-cell-timeout={CELL_TIMEOUT_S}",
+        "-p", "nbval_plugin", f"--executed-dir={folder / 'executed'}", f"--run-marker={marker}",
         "-p", "no:cacheprovider", f"--rootdir={folder}", "-q", "--color=no", "--durations=5",
     ]  # fmt: skip
     start = time.monotonic()
     try:
-        result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         for pid in processes_with(marker):  # the kernel and its workers outlive a killed nbval process
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        raise AssertionError(f"{notebook.name} still running after {RUN_TIMEOUT_S} s:\n{e.stdout}") from None
+        raise AssertionError(f"{names} still running after {timeout:g} s:\n{e.stdout}") from None
     elapsed = time.monotonic() - start
     deadline = time.monotonic() + LEFTOVER_GRACE_S
     while (left := processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not left, f"{notebook.name} left processes behind: {left}"
+    assert not left, f"{names} left processes behind: {left}"
     return result, executed, elapsed
 
 
@@ -113,11 +118,10 @@ def run_nbval(notebook: Path, folder: Path) -> tuple[subprocess.CompletedProcess
 def test_lesson_runs_once_and_its_checks_hold(source: Path, lab_stack: Any, tmp_path: Path) -> None:
     committed = source.read_bytes()
     parameters = {**ci_parameters(nbformat.read(source, as_version=4)), "NAMESPACE": f"nb{uuid.uuid4().hex[:6]}-"}
-    result, executed, elapsed = run_nbval(ci_copy(source, tmp_path / source.name, parameters), tmp_path)
+    result, [executed], elapsed = run_nbval([ci_copy(source, tmp_path / source.name, parameters)], tmp_path)
 
     assert result.returncode == 0, f"nbval failed on {source.name} (executed copy: {executed}):\n{result.stdout}"
     print(f"{source.stem}: {elapsed:.1f} s")
-    assert elapsed < NOTEBOOK_LIMIT_S, f"{source.name} took {elapsed:.0f} s; the budget is 90 s:\n{result.stdout}"
     checks = [c for c in nbformat.read(executed, as_version=4).cells if is_check(c)]
     assert checks, f"{source.name} has no cell tagged 'check' stating its conclusion"
     assert all(NBVAL_TAG in c.metadata["tags"] for c in checks), (
@@ -147,7 +151,7 @@ def exercise_outcomes(executed: Path) -> list[str]:
 def test_exercise_notebook_runs_as_shipped_and_every_check_is_not_attempted(
     source: Path, lab_stack: Any, tmp_path: Path
 ) -> None:
-    result, executed, elapsed = run_nbval(ci_copy(source, tmp_path / source.name, {}), tmp_path)
+    result, [executed], elapsed = run_nbval([ci_copy(source, tmp_path / source.name, {})], tmp_path)
 
     assert result.returncode == 0, f"nbval failed on {source.name} (executed copy: {executed}):\n{result.stdout}"
     print(f"exercises/{source.stem}: {elapsed:.1f} s")
@@ -162,7 +166,7 @@ def test_an_exercise_notebook_with_the_reference_answers_is_all_correct(lab_stac
     """Exercise 01 (its checks take well under a second): the REFERENCE_ANSWERS parameter as CI would set it."""
     source = exercise_notebooks()[0]
     copy = ci_copy(source, tmp_path / source.name, {"REFERENCE_ANSWERS": True})
-    result, executed, _ = run_nbval(copy, tmp_path)
+    result, [executed], _ = run_nbval([copy], tmp_path)
 
     assert result.returncode == 0, result.stdout
     outcomes = exercise_outcomes(executed)
@@ -217,8 +221,8 @@ def _canary(tmp_path: Path, run: str = CANARY_RUN, **parameters: Any) -> Path:
 @pytest.mark.kafka
 @pytest.mark.timeout(180)
 def test_a_check_cell_catches_a_broken_configuration(lab_stack: Any, tmp_path: Path) -> None:
-    good, _, _ = run_nbval(_canary(tmp_path / "good", MAX_ATTEMPTS=2, FAIL_TIMES=1), tmp_path / "good")
-    broken, executed, _ = run_nbval(_canary(tmp_path / "broken", MAX_ATTEMPTS=2, FAIL_TIMES=2), tmp_path / "broken")
+    good, _, _ = run_nbval([_canary(tmp_path / "good", MAX_ATTEMPTS=2, FAIL_TIMES=1)], tmp_path / "good")
+    broken, [executed], _ = run_nbval([_canary(tmp_path / "broken", MAX_ATTEMPTS=2, FAIL_TIMES=2)], tmp_path / "broken")
 
     assert good.returncode == 0, good.stdout
     assert broken.returncode == 1, broken.stdout
@@ -233,7 +237,7 @@ def test_a_check_cell_catches_a_broken_configuration(lab_stack: Any, tmp_path: P
 @pytest.mark.kafka
 @pytest.mark.timeout(120)
 def test_an_error_in_any_cell_fails_the_run(lab_stack: Any, tmp_path: Path) -> None:
-    broken, _, _ = run_nbval(_canary(tmp_path, N="three"), tmp_path)
+    broken, _, _ = run_nbval([_canary(tmp_path, N="three")], tmp_path)
 
     assert broken.returncode == 1, broken.stdout
     assert "Cell execution caused an exception" in broken.stdout, broken.stdout
@@ -244,7 +248,7 @@ def test_an_error_in_any_cell_fails_the_run(lab_stack: Any, tmp_path: Path) -> N
 @pytest.mark.kafka
 @pytest.mark.timeout(120)
 def test_a_worker_left_running_fails_the_run(lab_stack: Any, tmp_path: Path) -> None:
-    broken, _, _ = run_nbval(_canary(tmp_path, run=CANARY_ORPHAN), tmp_path)
+    broken, _, _ = run_nbval([_canary(tmp_path, run=CANARY_ORPHAN)], tmp_path)
 
     assert broken.returncode == 1, broken.stdout
     assert "Cell outputs differ" not in broken.stdout, "the check itself holds"
