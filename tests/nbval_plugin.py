@@ -1,11 +1,13 @@
-"""A pytest plugin for the single nbval run of a lesson (``-p nbval_plugin``), loaded by test_notebooks.py.
+"""A pytest plugin for the single nbval run of notebooks (``-p nbval_plugin``), loaded by test_notebooks.py.
 
-nbval executes each code cell of the notebook in one kernel and compares the cells tagged
-``nbval-check-output`` with their stored outputs; it writes nothing. This plugin adds the two
-things CI needs from that same single execution:
+nbval executes each code cell of a notebook in one kernel (a kernel per notebook, one notebook after
+the other when a run has several) and compares the cells tagged ``nbval-check-output`` with their
+stored outputs; it writes nothing. This plugin adds the two things CI needs from that same single
+execution:
 
-- ``--executed-copy PATH``: the executed notebook, every output included (charts too), written
-  to PATH, outside the source tree, for a person to open when a run fails. Outputs that the cell
+- ``--executed-dir DIR``: each executed notebook, every output included (charts too), written
+  to DIR under its own name, outside the source tree, for a person (or a test reading what the
+  cells showed) to open after the run. Outputs that the cell
   updated in place (``update_display_data``: a progress bar that closes into its final line, see
   labkit/progress.py) are saved as they ended, as papermill and nbconvert save them; nbval itself
   ignores those updates;
@@ -25,14 +27,15 @@ import pytest
 from notebook_checks import processes_with
 
 _counter = itertools.count(1)
-_notebooks: dict[int, Any] = {}
+#: Each notebook nbval ran, by file name.
+_notebooks: dict[str, Any] = {}
 #: The kernel's iopub messages seen while nbval ran the current cell, in order.
 _messages: list[dict[str, Any]] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lesson notebooks")
-    group.addoption("--executed-copy", default=None, help="write the executed notebook here")
+    group.addoption("--executed-dir", default=None, help="write each executed notebook into this folder")
     group.addoption("--run-marker", default=None, help="NAME=VALUE in the environment of this run's processes")
 
 
@@ -81,7 +84,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outputs = with_display_updates([dict(output) for output in outputs], _messages)
     cell.outputs = [nbformat.from_dict(output) for output in outputs]
     cell.execution_count = next(_counter)
-    _notebooks[id(item.parent)] = item.parent.nb  # type: ignore[union-attr]  # nbval's IPyNbFile
+    _notebooks[Path(item.parent.path).name] = item.parent.nb  # type: ignore[union-attr]  # nbval's IPyNbFile
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -97,8 +100,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    destination = session.config.getoption("--executed-copy")
+    destination = session.config.getoption("--executed-dir")
     if destination is None:
         return
-    for notebook in _notebooks.values():
-        nbformat.write(notebook, Path(destination))
+    Path(destination).mkdir(parents=True, exist_ok=True)
+    for name, notebook in _notebooks.items():
+        nbformat.write(notebook, Path(destination) / name)

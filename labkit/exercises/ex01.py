@@ -11,7 +11,18 @@ from typing import Any
 
 from labkit.booking import BookingGenerator
 from labkit.config import Config
-from labkit.exercises.questions import Inconclusive, Judged, Kind, Question, ____, as_choice, as_number, progress, ready
+from labkit.exercises.questions import (
+    Inconclusive,
+    Judged,
+    Kind,
+    Question,
+    Wrong,
+    ____,
+    as_choice,
+    as_number,
+    progress,
+    ready,
+)
 from labkit.lessons import anatomy, brokers
 
 __all__ = ["____", "progress", "q1", "q2", "q3", "q4", "ready"]
@@ -96,14 +107,16 @@ q1 = Question(
     hints=["BullMQ's add script first looks whether `bull:<queue>:<jobId>` exists.",
            "If the hash exists, the script logs a `duplicated` event and returns the old id."],
     solution_text="1: the second add with the same jobId stores nothing while the first job exists.",
-    reference=1, wrong={"two jobs": 2}, backends=("bullmq",), confusion=3,
+    reference=1, wrong={"two jobs": Wrong(2, "does not hold 2 jobs")}, backends=("bullmq",), confusion=3,
 )  # fmt: skip
 q2 = Question(
     "ex01.q2", Kind.PREDICT, "whose data the job keeps after a duplicate add", _judge_kept,
     hints=["Does a duplicate add update the existing job, or leave it alone?",
            "Read the job hash's `data` field after both adds (lesson 01, `anatomy.bullmq_job_hash`)."],
     solution_text='"first": the duplicate add is dropped, its data with it.',
-    reference="first", wrong={"last write wins": "second"}, backends=("bullmq",), confusion=3,
+    reference="first",
+    wrong={"last write wins": Wrong("second", "not hold the data of the add you chose")},
+    backends=("bullmq",), confusion=3,
 )  # fmt: skip
 q3 = Question(
     "ex01.q3", Kind.PREDICT, "the same jobId after the first job was removed", _judge_again,
@@ -111,12 +124,15 @@ q3 = Question(
            "`removeOnComplete` deletes the job hash once the job completes."],
     solution_text='"accepted": once the old job is removed, the same jobId is a brand new job '
     "(a booking retried by its producer after completion runs again).",
-    reference="accepted", wrong={"dedupe forever": "ignored"}, backends=("bullmq",), confusion=3,
+    reference="accepted",
+    wrong={"dedupe forever": Wrong("ignored", "did not do what you predicted")},
+    backends=("bullmq",), confusion=3,
 )  # fmt: skip
 q4 = Question(
     "ex01.q4", Kind.PREDICT, "partitions used by records of one key", _judge_partitions,
     hints=["How does a Kafka producer choose a record's partition when the record has a key?",
            "hash(key) mod partitions: the same key gives the same number every time."],
     solution_text="1: the same key always hashes to the same partition.",
-    reference=1, wrong={"spread round-robin": 3}, backends=("kafka",),
+    reference=1, wrong={"spread round-robin": Wrong(3, "do not show 3 partitions")},
+    backends=("kafka",), servers=("kafka",),
 )  # fmt: skip

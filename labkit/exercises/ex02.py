@@ -14,7 +14,7 @@ from typing import Any
 from labkit.backends.kafka.settings import client_config
 from labkit.booking import BookingGenerator, encode
 from labkit.config import Config
-from labkit.exercises.questions import Inconclusive, Judged, Kind, Question, ____, as_number, progress, ready
+from labkit.exercises.questions import Inconclusive, Judged, Kind, Question, Wrong, ____, as_number, progress, ready
 from labkit.lab import new_run, produce
 from labkit.lessons import brokers, figures, groups
 from labkit.pool import WorkerPool
@@ -119,7 +119,7 @@ q1 = Question(
     hints=["In a consumer group, how many members can read one partition at a time?",
            "Three partitions, four members: one member is assigned nothing."],
     solution_text="0: each partition is read by one member of the group; the fourth member has none.",
-    reference=0, wrong={"an even share": BOOKINGS // 4}, backends=("kafka",),
+    reference=0, wrong={"an even share": Wrong(BOOKINGS // 4, f"did not process {BOOKINGS // 4}")}, backends=("kafka",),
 )  # fmt: skip
 q2 = Question(
     "ex02.q2", Kind.PREDICT, "records read again after a crash with auto-commit", _judge_autocommit,
@@ -127,7 +127,9 @@ q2 = Question(
            "librdkafka stores each record's offset when poll() returns it, and commits every auto.commit.interval.ms."],
     solution_text=f"0: the committed offset is {RECORDS}, past every record polled, so the "
     f"{RECORDS - PROCESSED} unprocessed ones are skipped after a restart: lost, not redelivered.",
-    reference=0, wrong={"the unprocessed ones": RECORDS - PROCESSED}, backends=("kafka",), confusion=5,
+    reference=0,
+    wrong={"the unprocessed ones": Wrong(RECORDS - PROCESSED, f"would not read {RECORDS - PROCESSED} of them again")},
+    backends=("kafka",), servers=("kafka",), confusion=5,
 )  # fmt: skip
 q3 = Question(
     "ex02.q3", Kind.PREDICT, "how long a Kafka group pauses when a worker joins", _judge_pause,
@@ -136,6 +138,7 @@ q3 = Question(
            "About 3 s on the embedded broker (it holds each JoinGroup for half the 6 s session timeout); well under "
            "a second on Apache Kafka."],
     solution_text="the embedded broker: about 3 s; Apache Kafka: about 0.1 s. Streams and BullMQ do not pause.",
-    reference=None, reference_for=recorded_pause, wrong={"no pause on the embedded broker, 10 s on Apache": 10},
+    reference=None, reference_for=recorded_pause,
+    wrong={"no pause on the embedded broker, 10 s on Apache": Wrong(10, "was not within")},
     backends=("kafka",), confusion=6,
 )  # fmt: skip

@@ -19,11 +19,13 @@ from labkit.exercises.questions import (
     Judged,
     Kind,
     Question,
+    Wrong,
     ____,
     as_number,
     call_learner,
     progress,
     ready,
+    wait_with_bar,
 )
 from labkit.lab import produce
 from labkit.lessons.retries import PendingExplorer
@@ -149,7 +151,7 @@ def _judge_orphans(answer: Any, config: Config) -> Judged:
         dead = pool.workers[0].worker_id
         pool.kill(0)
     produce("streams", BookingGenerator(seed=10, prefix="ex03w").bookings(WAITING), config)
-    time.sleep(ORPHAN_WAIT_S)
+    wait_with_bar("ex03.q4 waiting for a rescuer that never comes", ORPHAN_WAIT_S)
     client = redis.Redis.from_url(config.redis_url, decode_responses=True)
     try:
         held = held_by_reference(client, config.names.stream, config.names.stream_group, dead)
@@ -171,14 +173,16 @@ q1 = Question(
     hints=["`>` and `0` ask different questions: new entries, or my own pending ones?",
            "Nothing was acknowledged, so everything alice read is still in her pending list."],
     solution_text=f"{ENTRIES}: with `0` a consumer re-reads its own pending entries, all {ENTRIES} of them.",
-    reference=ENTRIES, wrong={"nothing new": 0}, backends=(), confusion=8,
+    reference=ENTRIES, wrong={"nothing new": Wrong(0, "did not return 0 entries")}, backends=(), confusion=8,
 )  # fmt: skip
 q2 = Question(
     "ex03.q2", Kind.PREDICT, "another consumer reads with > while entries are pending", _judge_other,
     hints=["Does `>` look at other consumers' pending entries?",
            "An entry delivered once stays with its consumer until XACK or a claim (XCLAIM/XAUTOCLAIM)."],
     solution_text="0: `>` only hands out entries never delivered; pending ones need XAUTOCLAIM.",
-    reference=0, wrong={"redelivered to bob": ENTRIES}, backends=(), confusion=8,
+    reference=0,
+    wrong={"redelivered to bob": Wrong(ENTRIES, f"bob did not get {ENTRIES} entries")},
+    backends=(), confusion=8,
 )  # fmt: skip
 q3 = Question(
     "ex03.q3", Kind.WRITE_CODE, "a reclaimer that walks the XAUTOCLAIM cursor", _judge_claim,
@@ -187,19 +191,23 @@ q3 = Question(
            "`cursor, entries, _ = client.xautoclaim(stream, group, consumer, 100, start_id=cursor, count=2)`"],
     solution_text="a loop over XAUTOCLAIM from cursor 0-0, each call starting at the cursor the last answered, "
     "until it answers 0-0:",
-    reference=claim_all_reference, wrong={"one call": claim_once}, backends=(), confusion=8,
+    reference=claim_all_reference,
+    wrong={"one call": Wrong(claim_once, "are still orphaned")},
+    backends=(), confusion=8,
 )  # fmt: skip
 q4 = Question(
     "ex03.q4", Kind.INSPECT, "count what a killed consumer still holds", _judge_orphans,
     hints=["Which command lists pending entries, and can it filter by consumer?",
            "XPENDING's extended form: `client.xpending_range(stream, group, '-', '+', 1000, consumername=consumer)`."],
     solution_text="count XPENDING's entries for that consumer:",
-    reference=held_by_reference, wrong={"stream length": held_by_stream_length}, backends=("streams",), confusion=7,
+    reference=held_by_reference,
+    wrong={"stream length": Wrong(held_by_stream_length, "XPENDING lists another count")},
+    backends=("streams",), confusion=7,
 )  # fmt: skip
 q5 = Question(
     "ex03.q5", Kind.PREDICT, "the delivery count after re-reading with 0", _judge_deliveries,
     hints=["XPENDING shows `times_delivered` for each pending entry.",
            "Does reading your own pending entries with `0` count as delivering them again?"],
     solution_text=f"{REREADS + 1}: the first read and each re-read with `0` are deliveries.",
-    reference=REREADS + 1, wrong={"only the first read counts": 1}, confusion=8,
+    reference=REREADS + 1, wrong={"only the first read counts": Wrong(1, "delivery count is not 1")}, confusion=8,
 )  # fmt: skip

@@ -14,7 +14,18 @@ import redis
 from labkit import lab
 from labkit.booking import BookingGenerator, encode
 from labkit.config import Config
-from labkit.exercises.questions import BadAnswer, Judged, Kind, Question, ____, as_number, call_learner, progress, ready
+from labkit.exercises.questions import (
+    BadAnswer,
+    Judged,
+    Kind,
+    Question,
+    Wrong,
+    ____,
+    as_number,
+    call_learner,
+    progress,
+    ready,
+)
 from labkit.lab import produce
 from labkit.pool import WorkerPool
 from labkit.workflow import WorkerSettings
@@ -159,7 +170,9 @@ q1 = Question(
     hints=["A poison booking fails every attempt; the worker dead-letters it when attempts run out.",
            f"Does max_attempts={MAX_ATTEMPTS} count the first delivery?"],
     solution_text=f"{MAX_ATTEMPTS}: max_attempts counts every delivery, the first one included.",
-    reference=MAX_ATTEMPTS, wrong={"retries after the first": MAX_ATTEMPTS + 1}, backends=("streams",), confusion=9,
+    reference=MAX_ATTEMPTS,
+    wrong={"retries after the first": Wrong(MAX_ATTEMPTS + 1, f"does not show {MAX_ATTEMPTS + 1} attempts")},
+    backends=("streams",), confusion=9,
 )  # fmt: skip
 q2 = Question(
     "ex04.q2", Kind.WRITE_CODE, "a dead-letter queue on Redis Streams", _judge_dlq,
@@ -169,19 +182,24 @@ q2 = Question(
     solution_text="XRANGE the entry, XADD its fields with a `reason` to the DLQ stream, XACK the original: "
     "",
     reference=dead_letter_reference,
-    wrong={"no ack": dead_letter_without_ack, "no reason": dead_letter_without_reason}, confusion=9,
+    wrong={"no ack": Wrong(dead_letter_without_ack, "still pending in the group"),
+           "no reason": Wrong(dead_letter_without_reason, "does not say why")}, confusion=9,
 )  # fmt: skip
 q3 = Question(
     "ex04.q3", Kind.INSPECT, "read every dead letter's reason", _judge_reasons,
     hints=["The Streams DLQ is a stream: read all of it, from the first id to the last.",
            "`client.xrange(dlq)`; each entry's `booking` field is the original message, `reason` why it failed."],
     solution_text="XRANGE the DLQ stream and map each entry's booking id to its reason:",
-    reference=reasons_reference, wrong={"first one only": reasons_first_only}, backends=("streams",), confusion=9,
+    reference=reasons_reference,
+    wrong={"first one only": Wrong(reasons_first_only, "not what the DLQ stream holds")},
+    backends=("streams",), confusion=9,
 )  # fmt: skip
 q4 = Question(
     "ex04.q4", Kind.CONFIGURE, "max_attempts for a booking that fails three times", _judge_attempts_setting,
     hints=["The booking succeeds on the attempt after its last failure.",
            "max_attempts counts every delivery, the first one included."],
     solution_text=f"{FAILS + 1} (or more): {FAILS} failed attempts, then the one that succeeds.",
-    reference=FAILS + 1, wrong={"one per failure": FAILS}, backends=("bullmq",), confusion=9,
+    reference=FAILS + 1,
+    wrong={"one per failure": Wrong(FAILS, "attempts exhausted")},
+    backends=("bullmq",), confusion=9,
 )  # fmt: skip

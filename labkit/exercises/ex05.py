@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from labkit.config import Config
-from labkit.exercises.questions import Judged, Kind, Question, ____, as_choice, as_number, progress, ready
+from labkit.exercises.questions import Judged, Kind, Question, Wrong, ____, as_choice, as_number, progress, ready
 from labkit.lessons import ordering
 
 __all__ = ["____", "progress", "q1", "q2", "q3", "ready"]
@@ -78,19 +78,23 @@ q1 = Question(
     hints=["Where does a keyed record go, and who reads that place?",
            "One partition per key, one consumer per partition, one record at a time."],
     solution_text="0: a booking's events share a key, so a partition, read in order by one member.",
-    reference=0, wrong={"some race anyway": 3}, backends=("kafka",), confusion=10,
+    reference=0, wrong={"some race anyway": Wrong(3, "do not show 3 violations")}, backends=("kafka",), confusion=10,
 )  # fmt: skip
 q2 = Question(
     "ex05.q2", Kind.PREDICT, "bookings in the wrong state after a retry topic", _judge_retried,
     hints=["While the failed `created` waits 1 s in the retry topic, is its partition blocked?",
            "The booking's `modified` and `cancelled` are processed at once; `created` comes back a second later."],
     solution_text=f"{RETRIED}: every booking whose `created` was retried ends with `created` applied last.",
-    reference=RETRIED, wrong={"keys keep order": 0}, backends=("kafka",), confusion=10,
+    reference=RETRIED,
+    wrong={"keys keep order": Wrong(0, "0 is not how many ended in the wrong state")},
+    backends=("kafka",), confusion=10,
 )  # fmt: skip
 q3 = Question(
     "ex05.q3", Kind.PREDICT, "a single Streams consumer with a retry: in order?", _judge_streams_retry,
     hints=["While the failed entry waits to be claimed again, does the consumer stop reading new entries?",
            "The retry comes back from the pending list a second later, after its booking's later events."],
     solution_text='"out of order": the later events are read and applied while the failed one waits.',
-    reference="out of order", wrong={"one consumer keeps order": "in order"}, backends=("streams",), confusion=10,
+    reference="out of order",
+    wrong={"one consumer keeps order": Wrong("in order", "was not applied in order")},
+    backends=("streams",), confusion=10,
 )  # fmt: skip

@@ -25,10 +25,12 @@ from labkit.exercises.questions import (
     Judged,
     Kind,
     Question,
+    Wrong,
     ____,
     as_number,
     progress,
     ready,
+    wait_with_bar,
     write_step,
 )
 from labkit.lab import new_run, produce
@@ -198,13 +200,13 @@ def _judge_max_poll(answer: Any, config: Config) -> Judged:
         pool.start(1, ready_timeout=30)
         groups.wait_for_assignment(pool, 3, timeout=30)
         produce("kafka", bookings, config)
-        deadline = time.monotonic() + len(bookings) * SLOW_HANDLER_S + 8
-        while time.monotonic() < deadline:
+
+        def finished_or_left() -> bool:
             events = pool.events()
             done = events[events["event"] == "completed"]["booking_id"].nunique()
-            if done >= len(bookings) or (events["event"] == "left_group").any():
-                break
-            time.sleep(0.25)
+            return bool(done >= len(bookings) or (events["event"] == "left_group").any())
+
+        wait_with_bar("ex07.q4 slow handler running", len(bookings) * SLOW_HANDLER_S + 8, finished_or_left)
         events = pool.events()
     left = int((events["event"] == "left_group").sum())
     done = events[events["event"] == "completed"]["booking_id"].nunique()
@@ -229,7 +231,8 @@ q1 = Question(
            "`if await ctx.redis.set(ctx.key('charged', ctx.booking.booking_id), 1, nx=True): await ctx.charge()`"],
     solution_text="claim the charge with `SET key 1 NX` before charging, charge only if the claim succeeded: "
     "`ex.charge_once`.",
-    reference=charge_once, wrong={"charge every time": charge_always, "check, charge, mark": charge_then_mark},
+    reference=charge_once, wrong={"charge every time": Wrong(charge_always, "charged more than once"),
+           "check, charge, mark": Wrong(charge_then_mark, "charged more than once")},
     backends=("streams",), confusion=2,
 )  # fmt: skip
 q2 = Question(
@@ -240,8 +243,8 @@ q2 = Question(
     solution_text='{"lock_duration_ms": 1000, "stalled_interval_ms": 500}: 1 + 2 x 0.5 = 2 s at most; '
     "shorter locks cost more renewals and risk stalling a slow but healthy job.",
     reference={"lock_duration_ms": 1000, "stalled_interval_ms": 500},
-    wrong={"the defaults": {"lock_duration_ms": 30000, "stalled_interval_ms": 30000},
-           "lesson's settings": {"lock_duration_ms": 5000, "stalled_interval_ms": 2000}},
+    wrong={"the defaults": Wrong({"lock_duration_ms": 30000, "stalled_interval_ms": 30000}, "may wait up to 90 s"),
+           "lesson's settings": Wrong({"lock_duration_ms": 5000, "stalled_interval_ms": 2000}, "later than 3 s")},
     backends=("bullmq",), confusion=1,
 )  # fmt: skip
 q3 = Question(
@@ -251,7 +254,9 @@ q3 = Question(
            "`await asyncio.sleep(2.5)`"],
     solution_text="`await asyncio.sleep(2.5)` (any awaited I/O): the loop keeps renewing the lock; "
     "`ex.wait_without_blocking`.",
-    reference=wait_without_blocking, wrong={"time.sleep": wait_blocking}, backends=("bullmq",), confusion=1,
+    reference=wait_without_blocking,
+    wrong={"time.sleep": Wrong(wait_blocking, "started again by the other worker")},
+    backends=("bullmq",), confusion=1,
 )  # fmt: skip
 q4 = Question(
     "ex07.q4", Kind.CONFIGURE, "max.poll.interval.ms for an 8 s handler", _judge_max_poll,
@@ -259,5 +264,7 @@ q4 = Question(
            "Give the slowest handler room: twice its time is a common choice."],
     solution_text="anything comfortably above 8000 ms, e.g. 20000: the worker polls between bookings, so the "
     "limit must cover the slowest booking.",
-    reference=20000, wrong={"below the handler": 6000}, backends=("kafka",), confusion=4,
+    reference=20000,
+    wrong={"below the handler": Wrong(6000, "thrown out of its group")},
+    backends=("kafka",), confusion=4,
 )  # fmt: skip

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import os
 import tempfile
 import textwrap
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from labkit import stack
 from labkit.config import Config
 from labkit.errors import LabkitError
-from labkit.lab import reset
+from labkit.lab import reset, run
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,6 +102,17 @@ def as_choice(answer: Any, choices: Sequence[str]) -> str:
 
 class LearnerCodeRaised(Exception):
     """The learner's code raised; ``args[0]`` says with which input."""
+
+
+@dataclass(frozen=True)
+class Wrong:
+    """A typical wrong answer, and the words its Incorrect must contain (tests check both, on the real stack).
+
+    ``says`` is what tells this mistake apart, e.g. ``"charged more than once"``: never the right value.
+    """
+
+    answer: Any
+    says: str
 
 
 @dataclass(frozen=True)
@@ -208,9 +220,14 @@ def write_step(function: Callable[..., Any], folder: Path) -> str:
 
 
 def call_learner(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run the learner's function in the kernel; what it raises becomes :class:`LearnerCodeRaised`."""
+    """Run the learner's function in the kernel; what it raises becomes :class:`LearnerCodeRaised`.
+
+    An ``async def`` is awaited on the lab's helper loop (labkit.lab.run), where the clients it is given
+    (a ``bullmq.Queue``) run too, so it works the same in a notebook, whose own loop is busy running the cell.
+    """
     try:
-        return function(*args, **kwargs)
+        result = function(*args, **kwargs)
+        return run(result) if inspect.iscoroutine(result) else result
     except Exception as e:  # noqa: BLE001 - anything the learner's code raises is reported, not raised
         shown = ", ".join([*map(_short, args), *(f"{k}={_short(v)}" for k, v in kwargs.items())])
         line = traceback.format_exception_only(type(e), e)[-1].strip()
@@ -260,9 +277,10 @@ def record(outcome: Outcome, config: Config | None = None) -> None:
     os.replace(tmp, path)
 
 
-#: Set by ``ready(reference_answers=True)``: a check of the placeholder judges the reference answer instead, so
-#: CI can run a notebook with every solution filled in (its ``REFERENCE_ANSWERS`` parameter).
-_reference_answers = False
+#: Set by ``ready(reference_answers=...)``: a check of the placeholder judges the reference answer instead, so
+#: CI can run a notebook with every solution filled in (its ``REFERENCE_ANSWERS`` parameter): True for every
+#: question, a server's name (``"kafka"``) for only the questions whose experiment uses that server.
+_reference_answers: bool | str = False
 
 #: Every question of every exercise module, in order, by id (``ex07.q2``); filled as the modules are imported.
 REGISTRY: dict[str, Question] = {}
@@ -307,8 +325,11 @@ class Question:
         hints: from a nudge to nearly the answer; ``hint()`` shows the next one each time.
         solution: the reference answer, as text to show.
         reference: the reference answer itself (tests check that it is judged Correct).
-        wrong: typical wrong answers by name (tests check that each is judged Incorrect).
+        wrong: typical wrong answers by name, each with what its Incorrect says (tests check every one).
         backends: the backends the experiment uses: each is emptied after the check.
+        servers: the lab's servers the experiment talks to (``redis``, ``kafka``); a check first asks each one
+            (as ``labkit status`` does) and is Inconclusive at once if one does not answer. Default: Redis, and
+            Kafka too when ``kafka`` is among the backends (its workers keep their ledger in Redis).
         confusion: which of the ten common confusions (docs/exercises.md) the question is about, if any.
         reference_for: the reference answer on a given lab, when it depends on the broker (a timing measured on
             each broker and recorded, labkit/lessons/recorded.json); else ``reference`` holds everywhere.
@@ -321,15 +342,23 @@ class Question:
     hints: Sequence[str]
     solution_text: str
     reference: Any
-    wrong: Mapping[str, Any] = field(default_factory=dict)
+    wrong: Mapping[str, Wrong] = field(default_factory=dict)
     backends: Sequence[str] = ()
+    servers: Sequence[str] | None = None
     confusion: int | None = None
     reference_for: Callable[[Config], Any] | None = None
     _hints_shown: int = field(default=0, repr=False)
     last: Outcome | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.servers is None:
+            self.servers = ("redis", "kafka") if "kafka" in self.backends else ("redis",)
         REGISTRY[self.id] = self
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        """The servers the experiment talks to (see ``servers``)."""
+        return tuple(self.servers or ())
 
     def reference_answer(self, config: Config) -> Any:
         """The reference answer on ``config``'s lab (its Kafka broker may matter)."""
@@ -343,7 +372,7 @@ class Question:
     def check(self, answer: Any = ____, show: bool = True) -> Outcome:
         """Judge ``answer`` with a real experiment; shows and returns the outcome, and never raises."""
         started = time.monotonic()
-        if is_placeholder(answer) and _reference_answers:
+        if is_placeholder(answer) and (_reference_answers is True or _reference_answers in self.uses):
             answer = self.reference_answer(Config.from_env())
         if is_placeholder(answer):
             outcome = Outcome(self.id, Verdict.NOT_ATTEMPTED, "Replace `____` with your answer, then run the check.")
@@ -359,6 +388,12 @@ class Question:
         return outcome
 
     def _judge(self, answer: Any) -> Outcome:
+        silent = not_answering(Config.from_env(), self.uses)
+        if silent:
+            return Outcome(
+                self.id, Verdict.INCONCLUSIVE,
+                f"{'; '.join(silent)}. This says nothing about your answer: check again once it answers.",
+            )  # fmt: skip
         try:
             with fresh_lab(self.id, self.backends) as config:
                 judged = self.judge(answer, config)
@@ -395,6 +430,18 @@ class Question:
         _show_text("Solution:", self.solution_text + measured + code)
 
 
+def not_answering(config: Config, servers: Sequence[str]) -> list[str]:
+    """One line for each of ``servers`` that does not answer, from the probe of ``labkit status`` (real clients).
+
+    A stopped server is a closed port: the connection is refused at once, so this costs milliseconds, where
+    the experiment itself would wait out its clients' timeouts (librdkafka retries a refused broker for ever).
+    """
+    if not servers:
+        return []
+    statuses = stack.Stack(config, services=servers).status()
+    return [f"{s.service} at {s.address}: {s.detail or 'not healthy'}" for s in statuses if not s.healthy]
+
+
 @contextlib.contextmanager
 def fresh_lab(question_id: str, backends: Sequence[str]) -> Iterator[Config]:
     """The lab with a namespace of its own for one check run; its backends are emptied afterwards."""
@@ -414,11 +461,13 @@ def progress() -> pd.DataFrame:
     return all_progress()
 
 
-def ready(reference_answers: bool = False, config: Config | None = None) -> None:
+def ready(reference_answers: bool | str = False, config: Config | None = None) -> None:
     """The setup cell: start the stack if it is not answering, and say what is ready.
 
     Args:
-        reference_answers: judge the reference answer wherever the placeholder is still there (CI does).
+        reference_answers: judge the reference answer wherever the placeholder is still there (CI does); a
+            server's name (``"kafka"``): only in the questions whose experiment uses it (CI's run on Apache
+            Kafka), the others stay Not attempted.
     """
     global _reference_answers
     _reference_answers = reference_answers
@@ -432,10 +481,27 @@ def ready(reference_answers: bool = False, config: Config | None = None) -> None
     _show_text("Stack:", "\n" + "\n".join(lines) + "\n\nEvery check runs its experiment on these servers.")
 
 
+def wait_with_bar(desc: str, seconds: float, done: Callable[[], bool] | None = None, poll_s: float = 0.25) -> bool:
+    """Wait up to ``seconds`` (until ``done()`` is true, if given) behind a progress bar counting the seconds.
+
+    For the checks that wait on something other than bookings settling (a timer, a slow handler), so that a
+    check longer than a few seconds always shows that it is working. Returns whether ``done()`` came true.
+    """
+    from labkit.progress import progress as progress_bar
+
+    started = time.monotonic()
+    with progress_bar(total=math.ceil(seconds), desc=desc, unit="second") as bar:
+        while not (done is not None and done()):
+            elapsed = time.monotonic() - started
+            bar.update(min(int(elapsed), bar.total) - bar.n)
+            if elapsed >= seconds:
+                return False
+            time.sleep(min(poll_s, seconds - elapsed))
+        return True
+
+
 def nearest(value: float, choices: Mapping[str, float], margin: float = 0.15) -> str | None:
     """The choice whose figure is nearest ``value`` on a log scale, or None when two are too close to call."""
-    import math
-
     ranked = sorted(choices, key=lambda c: abs(math.log(value / choices[c])))
     if len(ranked) > 1:
         first, second = (abs(math.log(value / choices[c])) for c in ranked[:2])

@@ -7,13 +7,15 @@ servers do not answer shows that a check never raises and says Inconclusive, nev
 from __future__ import annotations
 
 import asyncio
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from labkit.config import Config
-from labkit.exercises import all_questions, exercises_command
+from labkit.exercises import all_questions, exercises_command, questions
 from labkit.exercises.questions import (
     BadAnswer,
     Inconclusive,
@@ -22,6 +24,7 @@ from labkit.exercises.questions import (
     LearnerCodeRaised,
     Question,
     Verdict,
+    Wrong,
     ____,
     call_learner,
     is_placeholder,
@@ -45,18 +48,31 @@ def lab_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _question(judge: object, qid: str = "ex99.q1") -> Question:
-    return Question(qid, Kind.PREDICT, "a test question", judge, ["one", "two"], "42", reference=42)  # type: ignore[arg-type]
+    """A question whose experiment needs no server, so that the outcomes below come from its judge alone."""
+    return Question(qid, Kind.PREDICT, "a test question", judge, ["one", "two"], "42", reference=42, servers=())  # type: ignore[arg-type]
 
 
 def test_every_notebook_has_questions_with_references_wrong_answers_and_hints() -> None:
-    notebooks = {q.id.split(".")[0] for q in QUESTIONS}
-    assert notebooks == {f"ex{n:02d}" for n in range(1, 9)}
-    assert len(QUESTIONS) >= 20
+    per_notebook = Counter(q.id.split(".")[0] for q in QUESTIONS)
+    assert set(per_notebook) == {f"ex{n:02d}" for n in range(1, 9)}
+    assert all(3 <= n <= 5 for n in per_notebook.values()), per_notebook
+    assert len(QUESTIONS) >= 30
     for q in QUESTIONS:
         assert q.wrong, f"{q.id} has no typical wrong answer"
+        assert all(isinstance(w, Wrong) and w.says for w in q.wrong.values()), f"{q.id}: say what each gets wrong"
         assert len(q.hints) >= 2, f"{q.id} has one hint level"
         assert q.reference is not None or q.reference_for is not None, q.id
-    assert {q.kind for q in QUESTIONS} == set(Kind)
+        assert set(q.uses) <= {"redis", "kafka"} and q.uses, q.id
+    kinds = Counter(q.kind for q in QUESTIONS)
+    assert set(kinds) == set(Kind) and min(kinds.values()) >= 3, kinds
+
+
+def test_the_docs_list_every_question_with_its_kind() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "exercises.md").read_text(encoding="utf-8")
+    kinds = "|".join(k.value for k in Kind)
+    rows = {m["id"]: m["kind"] for m in re.finditer(rf"^\| (?P<id>ex\d\d\.q\d+) \| (?P<kind>{kinds}) \|", doc, re.M)}
+    assert rows == {q.id: q.kind.value for q in QUESTIONS}
+    assert f"{len(QUESTIONS)} questions in" in doc
 
 
 def test_the_ten_confusions_are_each_covered() -> None:
@@ -116,8 +132,16 @@ def test_progress_survives_a_restart_and_the_cli_prints_it(lab_home: Path) -> No
 @pytest.mark.parametrize("qid", ["ex01.q1", "ex03.q1", "ex04.q2"])
 def test_a_lab_that_does_not_answer_is_inconclusive_never_incorrect(qid: str) -> None:
     q = next(q for q in QUESTIONS if q.id == qid)
-    for answer in (q.reference, *q.wrong.values()):
+    for answer in (q.reference, *(w.answer for w in q.wrong.values())):
         assert q.check(answer, show=False).verdict is Verdict.INCONCLUSIVE
+
+
+def test_reference_answers_for_one_server_fill_only_its_questions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI's run on Apache Kafka: ``REFERENCE_ANSWERS = "kafka"`` judges the Kafka questions, leaves the rest."""
+    monkeypatch.setattr(questions, "_reference_answers", "kafka")
+    kafka, redis_only = (next(q for q in QUESTIONS if ("kafka" in q.uses) is uses) for uses in (True, False))
+    assert kafka.check(____, show=False).verdict is Verdict.INCONCLUSIVE  # judged: its broker (port 1) is silent
+    assert redis_only.check(____, show=False).verdict is Verdict.NOT_ATTEMPTED
 
 
 def test_nearest_refuses_to_call_a_figure_between_two_choices() -> None:

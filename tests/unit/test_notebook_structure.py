@@ -203,3 +203,15 @@ def test_every_question_has_a_placeholder_and_a_check_before_the_summary(path: P
         assert "____" in notebook.cells[i - 2].source, f"the answer cell before check {i} has the placeholder"
     assert "## Summary" in found and "## Try this" in found and found["## Try this"] > found["## Summary"]
     assert max(i for i, _ in checks) < found["## Summary"][0]
+
+
+@exercise
+def test_the_welcome_and_the_lesson_state_the_exercise_notebooks_question_count(path: Path) -> None:
+    """00-welcome's table and the lesson's Try this say how many questions the notebook has: its checks."""
+    count = sum(EXERCISE_CHECK_TAG in tags(c) for c in read(path).cells)
+    link = f"exercises/{path.name}"
+    welcome = "\n".join(c.source for c in read(LESSONS[0]).cells if c.cell_type == "markdown")
+    assert f"]({link}) | {count} |" in welcome, f"00-welcome's exercise table: {path.stem} has {count} questions"
+    [lesson] = [p for p in LESSONS if p.name[:2] == path.name[:2]]
+    text = "\n".join(c.source for c in read(lesson).cells if c.cell_type == "markdown")
+    assert f"]({link}): {count} questions" in text, f"{lesson.name}'s Try this: {path.stem} has {count} questions"
