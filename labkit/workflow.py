@@ -219,19 +219,20 @@ class _GroupCommit:
     """Writes completions in batches: whoever arrives while a write is in flight joins the next one.
 
     At low load every completion is written at once (no added latency); under load, the
-    completions of all concurrent handlers share one round trip to Redis. The caller still
-    waits until its own completion is stored, so a message is never acknowledged before
-    its completion is recorded.
+    completions of all concurrent handlers (single bookings or whole batches) share one round
+    trip to Redis, in the order they arrived. Each caller still waits until its own completions
+    are stored, so a message is never acknowledged before its completion is recorded.
     """
 
     def __init__(self, write: Callable[[list[str]], Awaitable[list[int]]]) -> None:
         self._write = write
-        self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._waiting: list[tuple[list[str], asyncio.Future[list[bool]]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def submit(self, booking_id: str) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((booking_id, future))
+    async def submit(self, booking_ids: list[str]) -> list[bool]:
+        """Record ``booking_ids`` (in order); each answer says whether it was the booking's first completion."""
+        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((booking_ids, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain())
         return await future
@@ -240,15 +241,18 @@ class _GroupCommit:
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                firsts = await self._write([booking_id for booking_id, _ in batch])
+                firsts = await self._write([booking_id for booking_ids, _ in batch for booking_id in booking_ids])
             except Exception as error:  # noqa: BLE001 - handed to every waiter, who re-raises it
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for (_, future), first in zip(batch, firsts, strict=True):
+            start = 0
+            for booking_ids, future in batch:
+                end = start + len(booking_ids)
                 if not future.done():
-                    future.set_result(bool(first))
+                    future.set_result([bool(first) for first in firsts[start:end]])
+                start = end
 
 
 class Ledger:
@@ -288,13 +292,14 @@ class Ledger:
 
     async def record_completion(self, booking_id: str) -> bool:
         """Mark the booking completed; False (and a duplicate counted) if it already was."""
-        return await self._completions.submit(booking_id)
+        [first] = await self._completions.submit([booking_id])
+        return first
 
     async def record_completions(self, booking_ids: Sequence[str]) -> list[bool]:
-        """:meth:`record_completion` for a batch, in order, in one round trip."""
+        """:meth:`record_completion` for a batch, in order, in one round trip (shared with concurrent callers)."""
         if not booking_ids:
             return []
-        return [bool(first) for first in await self._write_completions(list(booking_ids))]
+        return await self._completions.submit(list(booking_ids))
 
     async def _write_completions(self, booking_ids: list[str]) -> list[int]:
         firsts: list[int] = await self._complete(keys=[self.key("completed"), self.key("counters")], args=booking_ids)
@@ -449,6 +454,14 @@ class BookingHandler:
             except BadMessage as bad:
                 parsed.append(bad)
         return parsed
+
+    def log_received(self, deliveries: Sequence[Delivery], validated: Sequence[Booking | BadMessage]) -> None:
+        """One ``received`` line per delivery, in one write; the booking id is the validated one where there is one."""
+        rows = []
+        for delivery, parsed in zip(deliveries, validated, strict=True):
+            booking_id = parsed.booking_id if isinstance(parsed, Booking) else booking_id_of(delivery.payload)
+            rows.append({"booking_id": booking_id, "attempt": delivery.attempt, "source": delivery.source})
+        self.events.emit_batch("received", rows)
 
     async def run_batch(
         self, deliveries: Sequence[Delivery], validated: Sequence[Booking | BadMessage] | None = None
