@@ -7,6 +7,7 @@ whose reason names the rule: that reason is what a learner reads in the dead-let
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -42,11 +43,12 @@ class Fault(msgspec.Struct, frozen=True):
     slow_ms: int = 0
 
 
-class Booking(msgspec.Struct, frozen=True):
-    """A valid booking. ``raw`` keeps the decoded object, unknown fields included.
+class Booking(msgspec.Struct, frozen=True, dict=True):
+    """A valid booking. ``text`` is the message as it came; ``raw`` its decoded object, unknown fields included.
 
     A frozen msgspec Struct rather than a frozen dataclass: built once per message, it costs a tenth
-    (a frozen dataclass sets each field through ``object.__setattr__``).
+    (a frozen dataclass sets each field through ``object.__setattr__``). ``raw`` is decoded when first
+    read: the workers never read it.
     """
 
     booking_id: str
@@ -59,7 +61,12 @@ class Booking(msgspec.Struct, frozen=True):
     seq: int | None
     created_at: float | None
     fault: Fault
-    raw: dict[str, Any]
+    text: str
+
+    @functools.cached_property
+    def raw(self) -> dict[str, Any]:
+        obj: dict[str, Any] = _decode_json(self.text)  # decoded once already: it is a JSON object
+        return obj
 
     @property
     def nights(self) -> int:
@@ -211,8 +218,8 @@ class _WireBooking(msgspec.Struct):
 _decode_wire = msgspec.json.Decoder(_WireBooking).decode
 
 
-def _valid_booking(text: str, obj: dict[str, Any]) -> Booking | None:
-    """The booking of ``text`` (decoded as ``obj``) when it follows every rule, else None."""
+def _valid_booking(text: str) -> Booking | None:
+    """The booking of ``text`` when it follows every rule, else None."""
     try:
         wire = _decode_wire(text)
     except msgspec.DecodeError:
@@ -232,7 +239,7 @@ def _valid_booking(text: str, obj: dict[str, Any]) -> Booking | None:
         seq=wire.seq,
         created_at=wire.created_at,
         fault=NO_FAULT if fault is None else Fault(fault.fail_times or 0, fault.poison, fault.slow_ms or 0),
-        raw=obj,
+        text=text,
     )
 
 
@@ -261,13 +268,13 @@ def parse_booking(payload: bytes | str) -> Booking:
             raise BadMessage(f"message is {len(text)} characters; the limit is {MAX_MESSAGE_BYTES} bytes")
     if nesting_depth(text) > MAX_NESTING:
         raise BadMessage(f"message nests deeper than {MAX_NESTING} levels")
-    obj = _decode_json(text)
-    if not isinstance(obj, dict):
-        raise BadMessage(f"message must be a JSON object, got {type(obj).__name__}")
-    booking = _valid_booking(text, obj)
+    booking = _valid_booking(text)
     if booking is not None:
         return booking
     # Some rule is broken: find the first one, in the contract's words.
+    obj = _decode_json(text)
+    if not isinstance(obj, dict):
+        raise BadMessage(f"message must be a JSON object, got {type(obj).__name__}")
     check_in = _iso_date(obj, "check_in")
     check_out = _iso_date(obj, "check_out")
     if check_out <= check_in:
@@ -286,7 +293,7 @@ def parse_booking(payload: bytes | str) -> Booking:
         seq=_integer(obj, "seq", 0, None, required=False),
         created_at=float(created_at) if created_at is not None else None,
         fault=_fault(obj),
-        raw=obj,
+        text=text,
     )
 
 
