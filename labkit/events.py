@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import msgspec
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -22,8 +24,10 @@ if TYPE_CHECKING:
 EVENTS = ("ready", "received", "started", "completed", "failed", "retried", "dead_lettered", "stopped")
 
 
-# One encoder for every line: json.dumps with non-default options builds a new encoder per call.
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# One encoder for every line, msgspec's (in C: a tenth of the json module's time for a line); what it
+# cannot encode is written as its str().
+_encoder = msgspec.json.Encoder(enc_hook=str)
+_encode = _encoder.encode
 
 
 class EventLog:
@@ -41,12 +45,12 @@ class EventLog:
         self.worker_id = worker_id
         self.backend = backend
         self._pid = os.getpid()
-        # Line buffering: each event reaches the OS as it happens, so SIGKILL loses nothing written.
-        self._file: IO[str] = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        # Unbuffered: each write reaches the OS as it happens, so SIGKILL loses nothing written.
+        self._file: IO[bytes] = open(self.path, "ab", buffering=0)  # noqa: SIM115
 
     def emit(self, event: str, **fields: Any) -> None:
         """Record ``event`` with wall and monotonic timestamps (monotonic is comparable across processes)."""
-        self._file.write(_encode({**self._header(event), **fields}) + "\n")
+        self._file.write(_encode({**self._header(event), **fields}) + b"\n")
 
     def emit_batch(self, event: str, rows: list[dict[str, Any]]) -> None:
         """Record ``event`` once per row, all in one write: a batch of bookings that happened together.
@@ -57,9 +61,14 @@ class EventLog:
         """
         if not rows:
             return
-        # The shared fields without the closing brace; each row's fields follow.
-        head = _encode(self._header(event))[:-1]
-        self._file.write("".join(f"{head},{_encode(row)[1:]}\n" if row else f"{head}}}\n" for row in rows))
+        # The shared fields without the closing brace, then each row's fields. The rows are encoded in one
+        # call, one per line, and each line's opening brace becomes the header: JSON text never holds a raw
+        # newline (it is escaped in strings), so every "\n{" starts a line.
+        head = _encode(self._header(event))[:-1] + b","
+        if all(rows):
+            self._file.write(head + _encoder.encode_lines(rows)[1:].replace(b"\n{", b"\n" + head))
+        else:  # an empty row would leave "{...,}": each line on its own
+            self._file.write(b"".join(head + _encode(row)[1:] + b"\n" if row else head[:-1] + b"}\n" for row in rows))
 
     def _header(self, event: str) -> dict[str, Any]:
         """The fields every line starts with: what happened, when, and where."""

@@ -44,8 +44,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from labkit.backends.base import Backend, BatchSink, Message, connected, dead_letter_record
-from labkit.booking import booking_id_of, encode
-from labkit.errors import BrokerUnavailable
+from labkit.booking import Booking, booking_id_of, encode
+from labkit.errors import BadMessage, BrokerUnavailable
 from labkit.status import STATUS_TTL_S, Accepted, BookingStatus, StatusRecorder, Transition, summarize
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
 
@@ -363,6 +363,8 @@ class BullMQBackend(Backend):
         events = handler.events
         followups: set[asyncio.Task[None]] = set()
 
+        together = _SameTickBatches(handler) if handler.batches else None
+
         async def process(job: Job, token: str) -> None:
             # The worker's retry policy wins over whatever the producer put in the job:
             # BullMQ decides "retry or fail" from these in-memory options, and the handler
@@ -372,8 +374,13 @@ class BullMQBackend(Backend):
             CURRENT_JOB.set(job)
             payload = wire_payload(job.data)
             delivery = Delivery(payload, attempt=job.attemptsMade + 1, source=f"job {job.id}")
-            events.emit("received", booking_id=booking_id_of(payload), attempt=delivery.attempt, source=delivery.source)
-            result = await handler(delivery)
+            if together is not None:
+                result = await together.run(delivery)
+            else:
+                events.emit(
+                    "received", booking_id=booking_id_of(payload), attempt=delivery.attempt, source=delivery.source
+                )
+                result = await handler(delivery)
             if result.outcome is Outcome.COMPLETED:
                 return
             if result.outcome is Outcome.RETRY:
@@ -568,6 +575,60 @@ class BullMQBackend(Backend):
             clients = await self.queue.get_workers()
         names = {str(c.get("rawname", "")).partition(":w:")[2] for c in clients}
         return sorted(name for name in names if name)
+
+
+class _SameTickBatches:
+    """The jobs whose processors start in the same event-loop tick, run as one batch (``BookingHandler.run_batch``).
+
+    BullMQ's Python worker hands over one job per processor call, but a worker with ``concurrency``
+    slots starts several processors at once, whenever several ``moveToActive`` replies arrive
+    together. Gathering those into one batch gives them one ``received``, ``started`` and ``completed``
+    write and one completion record (shared with other batches in flight, ``Ledger.record_completions``)
+    instead of three writes and a round trip each. Each processor still waits for its own verdict, so
+    BullMQ completes (acknowledges) a job only after its batch was handled, and retries and dead
+    letters stay per job. A booking with a ``slow_ms`` fault runs on its own, not holding up the others.
+    """
+
+    def __init__(self, handler: BookingHandler) -> None:
+        self.handler = handler
+        self._waiting: list[tuple[Delivery, Booking | BadMessage, asyncio.Future[Result]]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def run(self, delivery: Delivery) -> Result:
+        """The handler's verdict on ``delivery``, reached together with the others of this tick."""
+        [parsed] = self.handler.validate_batch([delivery])
+        if isinstance(parsed, Booking) and parsed.fault.slow_ms:
+            self.handler.log_received([delivery], [parsed])
+            return await self.handler(delivery)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._start)
+        self._waiting.append((delivery, parsed, future))
+        return await future
+
+    def _start(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[tuple[Delivery, Booking | BadMessage, asyncio.Future[Result]]]) -> None:
+        deliveries = [delivery for delivery, _, _ in batch]
+        validated = [parsed for _, parsed, _ in batch]
+        try:
+            self.handler.log_received(deliveries, validated)
+            results = await self.handler.run_batch(deliveries, validated)
+        except BaseException as error:  # handed to every job's processor: BullMQ fails or retries each
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 def _text(value: bytes | str) -> str:

@@ -660,15 +660,11 @@ class _ConsumerRun:
         deliveries = [self._delivery(entry_id, fields, attempt) for entry_id, fields, attempt in entries]
         together = [b"booking" in fields and attempt <= self.max_attempts for _, fields, attempt in entries]
         try:
+            validated = handler.validate_batch(deliveries)
+            handler.log_received(deliveries, validated)
             runnable = [d for d, alone in zip(deliveries, together, strict=True) if alone]
-            validated = handler.validate_batch(runnable)
-            received, in_order = [], iter(validated)
-            for delivery, with_batch in zip(deliveries, together, strict=True):
-                parsed = next(in_order) if with_batch else None
-                booking_id = parsed.booking_id if isinstance(parsed, Booking) else booking_id_of(delivery.payload)
-                received.append({"booking_id": booking_id, "attempt": delivery.attempt, "source": delivery.source})
-            handler.events.emit_batch("received", received)
-            verdicts = iter(await handler.run_batch(runnable, validated))
+            in_batch = [parsed for parsed, alone in zip(validated, together, strict=True) if alone]
+            verdicts = iter(await handler.run_batch(runnable, in_batch))
             for (entry_id, fields, _), delivery, with_batch in zip(entries, deliveries, together, strict=True):
                 has_booking = b"booking" in fields
                 result = next(verdicts) if with_batch else await self._verdict(delivery, has_booking=has_booking)

@@ -3,7 +3,9 @@
 parse_booking is the one gate every backend's messages pass through, so two promises are
 checked on generated input: it never raises anything but BadMessage, and it never accepts a
 message that breaks docs/contract.md. The contract is re-stated here independently of
-labkit/booking.py, so a rule dropped there fails these tests.
+labkit/booking.py, so a rule dropped there fails these tests. A third: its msgspec fast path
+(one C pass for a valid message) gives every message the verdict, and every bad one the
+reason, that the rules written out in Python give alone.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import re
 import time
 from datetime import date
 from typing import Any
+from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import VALID_BOOKING as VALID
 
+from labkit import booking as booking_module
 from labkit.booking import MAX_MESSAGE_BYTES, Booking, booking_id_of, parse_booking
 from labkit.drills import fuzz_corpus
 from labkit.errors import BadMessage
@@ -80,6 +85,24 @@ def verdict(payload: bytes | str) -> Booking | None:
         return None
 
 
+def outcome(payload: bytes | str) -> Booking | str:
+    """The parsed booking, or the reason of the BadMessage."""
+    try:
+        return parse_booking(payload)
+    except BadMessage as bad:
+        return bad.reason
+
+
+def outcome_of_the_rules_alone(payload: bytes | str) -> Booking | str:
+    """:func:`outcome` with msgspec switched off: the json module and the rules written out in Python."""
+    off = msgspec.DecodeError("msgspec switched off")
+    with (
+        mock.patch.object(booking_module, "_fast_decode", side_effect=off),
+        mock.patch.object(booking_module, "_decode_wire", side_effect=off),
+    ):
+        return outcome(payload)
+
+
 # -- the corpus -------------------------------------------------------------------------------------------------
 
 
@@ -98,6 +121,11 @@ def test_the_corpus_has_200_bad_messages_of_every_kind_the_issue_names() -> None
 @pytest.mark.parametrize(("category", "message"), fuzz_corpus(), ids=lambda v: v if isinstance(v, str) else None)
 def test_every_corpus_message_is_rejected_with_a_reason(category: str, message: bytes) -> None:
     assert verdict(message) is None, f"{category} message accepted: {message[:120]!r}"
+
+
+@pytest.mark.parametrize(("category", "message"), fuzz_corpus(), ids=lambda v: v if isinstance(v, str) else None)
+def test_every_corpus_message_gets_the_reason_the_rules_alone_give(category: str, message: bytes) -> None:
+    assert outcome(message) == outcome_of_the_rules_alone(message)
 
 
 def test_oversized_and_deep_messages_are_rejected_before_parsing() -> None:
@@ -175,3 +203,37 @@ def test_one_broken_field_is_always_refused(name: str, value: Any) -> None:
     if follows_contract(obj):
         return  # the drawn value happens to be valid for that field
     assert verdict(json.dumps(obj)) is None
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from([*REQUIRED, "seq", "created_at", "fault", "extra"]), field_values))
+def test_the_fast_path_gives_the_verdict_and_reason_of_the_rules_alone(changes: dict[str, Any]) -> None:
+    obj = {**VALID, **changes}
+    for text in (json.dumps(obj), json.dumps(obj, ensure_ascii=False)):
+        assert outcome(text) == outcome_of_the_rules_alone(text)
+
+
+@FUZZ
+@given(st.binary(max_size=300) | json_values.map(json.dumps))
+def test_the_fast_path_agrees_with_the_rules_alone_on_anything(payload: bytes | str) -> None:
+    assert outcome(payload) == outcome_of_the_rules_alone(payload)
+
+
+BOUNDARIES = [
+    *({"guests": n} for n in (0, 1, 10, 11, True, 2.0)),
+    *({"amount_cents": n} for n in (-1, 0, 2**63, 2**64, 10**30)),
+    *({"seq": n} for n in (-1, 0, None, 2**70)),
+    *({"created_at": v} for v in (True, 1, 1.5, "1", None, 2**64, -1e308)),
+    *({name: v} for name in ("user_id", "hotel_id") for v in ("", "x" * 64, "x" * 65, "😀" * 64, "😀" * 65, 7)),
+    *({"booking_id": v} for v in ("a", "a\n", "a b", "é", "x" * 64, "x" * 65, "-_")),
+    *({"check_in": v} for v in ("2027-02-30", "２０２７-01-01", "2027-01-01\n", "2027-1-01", "0001-01-01", "9999-12-31")),
+    *({"check_out": v} for v in ("2027-01-01", "2027-01-02", "2026-12-31")),
+    *({"fault": v} for v in ({}, None, [], {"poison": None}, {"poison": 1}, {"poison": True, "x": 1})),
+    *({"fault": {key: v}} for key, high in (("fail_times", 1000), ("slow_ms", 600_000)) for v in (-1, 0, high, high + 1, None, False)),
+]
+
+
+@pytest.mark.parametrize("changes", BOUNDARIES, ids=repr)
+def test_the_fast_path_agrees_with_the_rules_alone_at_every_bound(changes: dict[str, Any]) -> None:
+    text = json.dumps({**VALID, "check_in": "2027-01-01", "check_out": "2027-01-03", **changes})
+    assert outcome(text) == outcome_of_the_rules_alone(text)

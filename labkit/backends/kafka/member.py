@@ -57,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from redis.exceptions import RedisError
 
@@ -99,9 +100,8 @@ async def _idle() -> None:
     await asyncio.Event().wait()
 
 
-@dataclass(frozen=True)
-class Record:
-    """A fetched record with what the worker needs to know about it."""
+class Record(msgspec.Struct, frozen=True):
+    """A fetched record with what the worker needs to know about it (a frozen msgspec Struct: one per record)."""
 
     topic: str
     partition: int
@@ -279,6 +279,7 @@ class GroupMember:
                 continue  # fetched before a rebalance or a seek back: not ours to handle now
             if part.next_offset is not None and offset < part.next_offset:
                 continue  # fetched again after a seek: already buffered
+            where = location(topic, partition, offset)
             if part.topic in self.waiting_topics:
                 headers = headers_of(message)
                 not_before = header_int(headers, "not_before", 0)
@@ -286,22 +287,21 @@ class GroupMember:
                     self._wait_for_retry(part, offset, (not_before - now_ms) / 1000)
                     continue
                 attempt = header_int(headers, "attempts", 2)
-                source = headers.get("source", b"").decode("utf-8", "replace") or location(topic, partition, offset)
+                source = headers.get("source", b"").decode("utf-8", "replace") or where
             else:
-                attempt, source = 1, location(topic, partition, offset)
+                attempt, source = 1, where
             key = message.key()
-            record = Record(topic, partition, offset, key, message.value() or b"", attempt, source)
             part.next_offset = offset + 1
-            part.pending.append(record)
-            part.wakeup.set()
+            part.pending.append(Record(topic, partition, offset, key, message.value() or b"", attempt, source))
             received.append(
                 {
                     "booking_id": key.decode("utf-8", "replace") if key else None,
-                    "attempt": record.attempt,
-                    "source": record.source,
-                    "record": record.where,
+                    "attempt": attempt,
+                    "source": source,
+                    "record": where,
                 }
             )
+            part.wakeup.set()
             if len(part.pending) >= self.buffer_high and "full" not in part.paused_for:
                 self._pause(part, "full")
         self.events.emit_batch("received", received)  # one write for the poll, before any of it is handled
