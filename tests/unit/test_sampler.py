@@ -25,6 +25,7 @@ from labkit.sampler import (
     WORDS,
     BackendWatch,
     Sample,
+    Sampler,
     booking_row,
     broker_row,
     bullmq_sample,
@@ -242,3 +243,25 @@ def test_a_live_chart_is_a_line_over_its_span_labelled_for_screen_readers() -> N
     assert "points='0.0,52.0 150.0,4.0 300.0,28.0'" in chart
     assert "aria-label='backlog: latest 5, highest 10, over 10 min'" in chart
     assert "latest –" in svg_chart("backlog", [], [], "#b45309", 600.0)
+
+
+def test_stop_ends_a_task_whose_cancellation_a_library_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel swallowed inside a sample (as redis-py has done) used to leave stop() waiting for ever."""
+
+    async def swallowing_sample(self: BackendWatch) -> Sample:
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            pass  # lost on its way through a client library
+        return Sample(backend=self.backend.name, at=0.0, ok=False, error="down")
+
+    monkeypatch.setattr(BackendWatch, "sample", swallowing_sample)
+
+    async def run() -> int:
+        sampler = Sampler(Config(), every_s=0.05, backends=("streams",))
+        await sampler.start()
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(sampler.stop(), timeout=2)
+        return len(sampler.history("streams"))
+
+    assert asyncio.run(run()) >= 1
