@@ -152,19 +152,25 @@ STEADY = bench.Workload("ex08-steady", "200 msg/s for 2 s", rate=200, duration_s
 RACED = ("streams", "kafka")
 #: q4: the lower median must be this much below the other to be called.
 LEAD = 1.25
+#: q4: races run at most, until one separates the medians: on Apache Kafka a single 2 s race came within LEAD of
+#: Streams in one CI run of two, and a learner should not be told "inconclusive" for a machine's jitter.
+RACES = 3
 
 
 def _judge_fastest(answer: Any, config: Config) -> Judged:
     choice = as_choice(answer, RACED)
-    result = bench.run_bench(STEADY, RACED, repetitions=1, config=config)
-    p50 = result.summary.set_index("backend")["p50_ms"].astype(float)
-    measured = {f"{b}_p50_ms": round(float(p50[b]), 2) for b in RACED}
     ran = (f"lesson 08's harness sent {STEADY.rate:g} messages/s for {STEADY.duration_s:g} s to Streams and to "
            "Kafka (open loop, latency from each message's intended send time)")  # fmt: skip
-    first, second = p50.sort_values().index
-    if p50[second] < LEAD * p50[first]:
-        raise Inconclusive(f"{ran}: the two medians were within {LEAD - 1:.0%} of each other; too close to call "
-                           "on this machine.")  # fmt: skip
+    for _ in range(RACES):
+        result = bench.run_bench(STEADY, RACED, repetitions=1, config=config)
+        p50 = result.summary.set_index("backend")["p50_ms"].astype(float)
+        first, second = p50.sort_values().index
+        if p50[second] >= LEAD * p50[first]:
+            break
+    else:
+        raise Inconclusive(f"{ran}, {RACES} times: each time the two medians were within {LEAD - 1:.0%} of each "
+                           "other; too close to call on this machine.")  # fmt: skip
+    measured = {f"{b}_p50_ms": round(float(p50[b]), 2) for b in RACED}
     if choice == first:
         return Judged(True, f"{ran}: median latency {p50[first]:.1f} ms on {first}, the lower. A Streams "
                       "consumer's blocking XREADGROUP is answered the moment XADD lands: one hop through Redis. "
