@@ -7,7 +7,6 @@ whose reason names the rule: that reason is what a learner reads in the dead-let
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import re
@@ -29,6 +28,9 @@ _BOOKING_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
+_Text64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
 class Fault(msgspec.Struct, frozen=True):
     """A fault directive carried by the message, so a lesson can inject failures by data alone.
 
@@ -38,35 +40,42 @@ class Fault(msgspec.Struct, frozen=True):
         slow_ms: extra processing time, in milliseconds.
     """
 
-    fail_times: int = 0
+    fail_times: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
     poison: bool = False
-    slow_ms: int = 0
+    slow_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 0
 
 
-class Booking(msgspec.Struct, frozen=True, dict=True):
-    """A valid booking. ``text`` is the message as it came; ``raw`` its decoded object, unknown fields included.
+#: The fault of every booking that carries none (most of them): one shared instance, not one per message.
+NO_FAULT = Fault()
 
-    A frozen msgspec Struct rather than a frozen dataclass: built once per message, it costs a tenth
-    (a frozen dataclass sets each field through ``object.__setattr__``). ``raw`` is decoded when first
-    read: the workers never read it.
+
+class Booking(msgspec.Struct, frozen=True):
+    """A valid booking, decoded straight from the message text by msgspec in C, one pass, no copy.
+
+    The annotations are docs/contract.md's field rules in msgspec's terms, and they are only a gate:
+    whatever msgspec refuses is checked again by the rules below (``_string``, ``_integer``,
+    ``_iso_date``, ``_fault``), which name the broken rule. The gate must never accept what they
+    refuse: the same patterns and bounds, ints that are not bools, numbers for ``created_at``,
+    unknown fields ignored; a ``null`` where the rules allow one (``fault``, ``fail_times``) goes
+    the slow way (``tests/unit/test_fuzz_corpus.py`` compares the two at every bound). Unknown
+    fields stay in the message, which a dead letter or a replay carries whole.
     """
 
-    booking_id: str
-    user_id: str
-    hotel_id: str
-    check_in: date
+    booking_id: Annotated[str, msgspec.Meta(pattern=_BOOKING_ID_RE.pattern)]
+    user_id: _Text64
+    hotel_id: _Text64
+    check_in: date  # msgspec reads only YYYY-MM-DD in ASCII digits, a real calendar date: what _iso_date accepts
     check_out: date
-    guests: int
-    amount_cents: int
-    seq: int | None
-    created_at: float | None
-    fault: Fault
-    text: str
+    guests: Annotated[int, msgspec.Meta(ge=1, le=10)]
+    amount_cents: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    created_at: float | None = None
+    fault: Fault = NO_FAULT
 
-    @functools.cached_property
-    def raw(self) -> dict[str, Any]:
-        obj: dict[str, Any] = _decode_json(self.text)  # decoded once already: it is a JSON object
-        return obj
+    def __post_init__(self) -> None:
+        # The one rule across fields; raised while decoding, it is a msgspec ValidationError (the slow way).
+        if self.check_out <= self.check_in:
+            raise ValueError("check_out must be later than check_in")
 
     @property
     def nights(self) -> int:
@@ -136,10 +145,6 @@ def _iso_date(obj: dict[str, Any], name: str) -> date:
         raise BadMessage(f"field {name!r} is not a calendar date: {value!r}") from None
 
 
-#: The fault of every booking that carries none (most of them): one shared instance, not one per message.
-NO_FAULT = Fault()
-
-
 def _fault(obj: dict[str, Any]) -> Fault:
     value = obj.get("fault")
     if value is None:
@@ -183,64 +188,8 @@ def _decode_json(text: str) -> Any:
         raise BadMessage(f"message is not valid JSON: {e}") from None
 
 
-_Text64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-
-
-class _WireFault(msgspec.Struct):
-    """:class:`Fault` as msgspec checks it (see :class:`_WireBooking`)."""
-
-    poison: bool = False
-    fail_times: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None
-    slow_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] | None = None
-
-
-class _WireBooking(msgspec.Struct):
-    """docs/contract.md's field rules in msgspec's terms, checked in C in one pass over the text.
-
-    Only a gate for valid messages: whatever it refuses is checked again by the rules below
-    (``_string``, ``_integer``, ``_iso_date``, ``_fault``), which name the broken rule. It must never
-    accept what they refuse: the same patterns and bounds, ints that are not bools, numbers for
-    ``created_at``, and unknown fields ignored (``tests/unit/test_booking.py`` compares the two).
-    """
-
-    booking_id: Annotated[str, msgspec.Meta(pattern=_BOOKING_ID_RE.pattern)]
-    user_id: _Text64
-    hotel_id: _Text64
-    check_in: date  # msgspec reads only YYYY-MM-DD in ASCII digits, a real calendar date: what _iso_date accepts
-    check_out: date
-    guests: Annotated[int, msgspec.Meta(ge=1, le=10)]
-    amount_cents: Annotated[int, msgspec.Meta(ge=0)]
-    seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    created_at: float | None = None
-    fault: _WireFault | None = None
-
-
-_decode_wire = msgspec.json.Decoder(_WireBooking).decode
-
-
-def _valid_booking(text: str) -> Booking | None:
-    """The booking of ``text`` when it follows every rule, else None."""
-    try:
-        wire = _decode_wire(text)
-    except msgspec.DecodeError:
-        return None
-    check_in, check_out = wire.check_in, wire.check_out
-    if check_out <= check_in:
-        return None
-    fault = wire.fault
-    return Booking(
-        booking_id=wire.booking_id,
-        user_id=wire.user_id,
-        hotel_id=wire.hotel_id,
-        check_in=check_in,
-        check_out=check_out,
-        guests=wire.guests,
-        amount_cents=wire.amount_cents,
-        seq=wire.seq,
-        created_at=wire.created_at,
-        fault=NO_FAULT if fault is None else Fault(fault.fail_times or 0, fault.poison, fault.slow_ms or 0),
-        text=text,
-    )
+#: The gate of :class:`Booking`: a valid message decoded and checked in one call.
+_decode_booking = msgspec.json.Decoder(Booking).decode
 
 
 def parse_booking(payload: bytes | str) -> Booking:
@@ -258,19 +207,22 @@ def parse_booking(payload: bytes | str) -> Booking:
     if isinstance(payload, bytes):
         if len(payload) > MAX_MESSAGE_BYTES:
             raise BadMessage(f"message is {len(payload)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadMessage(f"message is not valid UTF-8 (byte {e.start})") from None
+        shallow = payload.count(b"{") + payload.count(b"[") <= MAX_NESTING
     else:
-        text = payload
-        if len(text) > MAX_MESSAGE_BYTES:
-            raise BadMessage(f"message is {len(text)} characters; the limit is {MAX_MESSAGE_BYTES} bytes")
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise BadMessage(f"message is {len(payload)} characters; the limit is {MAX_MESSAGE_BYTES} bytes")
+        shallow = payload.count("{") + payload.count("[") <= MAX_NESTING
+    if shallow:  # too few brackets to nest too deep: the gate may parse it (from bytes: no text is made)
+        try:
+            return _decode_booking(payload)
+        except msgspec.DecodeError:
+            pass
+    try:
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+    except UnicodeDecodeError as e:
+        raise BadMessage(f"message is not valid UTF-8 (byte {e.start})") from None
     if nesting_depth(text) > MAX_NESTING:
         raise BadMessage(f"message nests deeper than {MAX_NESTING} levels")
-    booking = _valid_booking(text)
-    if booking is not None:
-        return booking
     # Some rule is broken: find the first one, in the contract's words.
     obj = _decode_json(text)
     if not isinstance(obj, dict):
@@ -293,7 +245,6 @@ def parse_booking(payload: bytes | str) -> Booking:
         seq=_integer(obj, "seq", 0, None, required=False),
         created_at=float(created_at) if created_at is not None else None,
         fault=_fault(obj),
-        text=text,
     )
 
 
