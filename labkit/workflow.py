@@ -205,17 +205,24 @@ return applied
 """
 # Record finished workflow runs, one per booking id in ARGV[1] (separated by spaces, which a valid booking id
 # never holds: one argument for a whole batch costs redis-py a fraction of one per id); a run for an
-# already-completed booking is a duplicate.
+# already-completed booking is a duplicate. One SMISMEMBER and one SADD per thousand ids (Lua's unpack has a
+# bound), not a call per id; the answer is the positions (from 1) of the duplicates, usually none, so that a
+# batch's reply is not an array of one number per booking to parse.
 _RECORD_COMPLETIONS = """
-local first, duplicates = {}, 0
-for booking_id in string.gmatch(ARGV[1], '[^ ]+') do
-  local added = redis.call('SADD', KEYS[1], booking_id)
-  first[#first + 1] = added
-  duplicates = duplicates + 1 - added
+local ids = {}
+for booking_id in string.gmatch(ARGV[1], '[^ ]+') do ids[#ids + 1] = booking_id end
+local repeats, seen = {}, {}
+for first = 1, #ids, 1000 do
+  local chunk = {unpack(ids, first, math.min(first + 999, #ids))}
+  local known = redis.call('SMISMEMBER', KEYS[1], unpack(chunk))
+  for j, booking_id in ipairs(chunk) do
+    if known[j] == 1 or seen[booking_id] then repeats[#repeats + 1] = first + j - 1 else seen[booking_id] = true end
+  end
+  redis.call('SADD', KEYS[1], unpack(chunk))
 end
-redis.call('HINCRBY', KEYS[2], 'runs', #first)
-if duplicates > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', duplicates) end
-return first
+redis.call('HINCRBY', KEYS[2], 'runs', #ids)
+if #repeats > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', #repeats) end
+return repeats
 """
 
 
@@ -228,7 +235,7 @@ class _GroupCommit:
     are stored, so a message is never acknowledged before its completion is recorded.
     """
 
-    def __init__(self, write: Callable[[list[str]], Awaitable[list[int]]]) -> None:
+    def __init__(self, write: Callable[[list[str]], Awaitable[list[bool]]]) -> None:
         self._write = write
         self._waiting: list[tuple[list[str], asyncio.Future[list[bool]]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -255,7 +262,7 @@ class _GroupCommit:
             for booking_ids, future in batch:
                 end = start + len(booking_ids)
                 if not future.done():
-                    future.set_result([bool(first) for first in firsts[start:end]])
+                    future.set_result(firsts[start:end])
                 start = end
 
 
@@ -305,9 +312,12 @@ class Ledger:
             return []
         return await self._completions.submit(list(booking_ids))
 
-    async def _write_completions(self, booking_ids: list[str]) -> list[int]:
+    async def _write_completions(self, booking_ids: list[str]) -> list[bool]:
         keys = [self.key("completed"), self.key("counters")]
-        firsts: list[int] = await self._complete(keys=keys, args=[" ".join(booking_ids)])
+        repeats: list[int] = await self._complete(keys=keys, args=[" ".join(booking_ids)])
+        firsts = [True] * len(booking_ids)
+        for position in repeats:
+            firsts[position - 1] = False
         return firsts
 
     async def record_retry(self, count: int = 1) -> None:
