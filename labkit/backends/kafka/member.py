@@ -57,7 +57,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from redis.exceptions import RedisError
 
@@ -70,7 +69,6 @@ from labkit.backends.kafka.records import (
     fetch,
     header_int,
     headers_of,
-    location,
 )
 from labkit.backends.kafka.settings import DEFAULT_MAX_POLL_INTERVAL_MS, SESSION_TIMEOUT_MS, group_consumer_config
 from labkit.errors import BackendError, ConfigError
@@ -102,22 +100,18 @@ async def _idle() -> None:
     await asyncio.Event().wait()
 
 
-class Record(msgspec.Struct, frozen=True):
-    """A fetched record with what the worker needs to know about it (a frozen msgspec Struct: one per record)."""
+class Record(Delivery, frozen=True):
+    """A fetched record: the delivery the handler gets, plus where the record is, for its offset and its retry.
+
+    The delivery's ``attempt`` is 1 on the work topic, the ``attempts`` header on the retry topic; its ``source``
+    is the original work-topic record, carried through retries in the ``source`` header. One struct per record,
+    built once: the handler takes the records themselves as its deliveries.
+    """
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
-    #: The delivery attempt: 1 on the work topic, the ``attempts`` header on the retry topic.
-    attempt: int
-    #: The original work-topic record, carried through retries in the ``source`` header.
-    source: str
-
-    @property
-    def where(self) -> str:
-        return location(self.topic, self.partition, self.offset)
 
 
 @dataclass(eq=False)
@@ -143,16 +137,18 @@ class Partition:
     done_offset: int | None = None
     wait_timer: asyncio.TimerHandle | None = None
 
+    #: Its records wait for their ``not_before`` header: a retry or delay topic's partition.
+    waits: bool = False
+    #: ``topic/partition``, which every record's location starts with.
+    name: str = field(init=False)
+
     def __post_init__(self) -> None:
         self.idle.set()
+        self.name = f"{self.topic}/{self.partition}"
 
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
-
-    @property
-    def name(self) -> str:
-        return f"{self.topic}/{self.partition}"
 
 
 class GroupMember:
@@ -279,8 +275,8 @@ class GroupMember:
                 continue  # fetched before a rebalance or a seek back: not ours to handle now
             if part.next_offset is not None and offset < part.next_offset:
                 continue  # fetched again after a seek: already buffered
-            where = location(topic, partition, offset)
-            if part.topic in self.waiting_topics:
+            where = f"{part.name}/{offset}"  # records.location, from the partition's own topic/partition
+            if part.waits:
                 headers = headers_of(message)
                 not_before = header_int(headers, "not_before", 0)
                 if not_before > now_ms:
@@ -292,7 +288,7 @@ class GroupMember:
                 attempt, source = 1, where
             key = message.key()
             part.next_offset = offset + 1
-            part.pending.append(Record(topic, partition, offset, key, message.value() or b"", attempt, source))
+            part.pending.append(Record(message.value() or b"", attempt, source, topic, partition, offset, key))
             received.append(
                 {
                     "booking_id": key.decode("utf-8", "replace") if key else None,
@@ -412,7 +408,7 @@ class GroupMember:
 
     async def _assigned(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            part = Partition(tp.topic, tp.partition)
+            part = Partition(tp.topic, tp.partition, waits=tp.topic in self.waiting_topics)
             part.task = asyncio.create_task(self._work(part), name=f"kafka {part.name}")
             part.task.add_done_callback(self._task_done)
             self.parts[(tp.topic, tp.partition)] = part
@@ -478,38 +474,37 @@ class GroupMember:
 
     async def _process(self, records: list[Record]) -> None:
         """Run the handler, then act on each verdict in offset order: nothing, a retry record, or a dead letter."""
-        deliveries = [Delivery(payload=r.value, attempt=r.attempt, source=r.source) for r in records]
-        if len(deliveries) == 1 and not self.handler.batches:
-            results = [await self.handler(deliveries[0])]
+        if len(records) == 1 and not self.handler.batches:
+            results = [await self.handler(records[0])]
         else:
-            results = await self.handler.run_batch(deliveries)
-        for record, delivery, result in zip(records, deliveries, results, strict=True):
+            results = await self.handler.run_batch(records)
+        for record, result in zip(records, results, strict=True):
             if result.outcome is Outcome.COMPLETED:
                 continue
             CURRENT_KEY.set((record.key,))
             if result.outcome is Outcome.RETRY:
-                await self._retry(record, delivery, result)
+                await self._retry(record, result)
             else:
-                await self.backend.dead_letter(self.handler, delivery, result)
+                await self.backend.dead_letter(self.handler, record, result)
 
-    async def _retry(self, record: Record, delivery: Delivery, result: Result) -> None:
+    async def _retry(self, record: Record, result: Result) -> None:
         """Park the record in the retry topic with its due time; the original offset is stored afterwards."""
-        delay = self.backend.settings.backoff_for(delivery.attempt)
+        delay = self.backend.settings.backoff_for(record.attempt)
         not_before = int((time.time() + delay) * 1000)
         headers: Headers = [
-            ("attempts", str(delivery.attempt + 1).encode()),
+            ("attempts", str(record.attempt + 1).encode()),
             ("not_before", str(not_before).encode()),
-            ("source", delivery.source.encode("utf-8")),
+            ("source", record.source.encode("utf-8")),
         ]
-        send = Send(self.names.topic_retry, record.key, record.value, headers)
+        send = Send(self.names.topic_retry, record.key, record.payload, headers)
         [where] = await asyncio.to_thread(self.backend.producer.send, [send])
         self.events.emit(
             "retried",
             booking_id=result.booking_id,
-            attempt=delivery.attempt,
-            next_attempt=delivery.attempt + 1,
+            attempt=record.attempt,
+            next_attempt=record.attempt + 1,
             delay_s=delay,
-            source=delivery.source,
+            source=record.source,
             record=where,
             reason=result.reason,
         )
