@@ -211,7 +211,7 @@ class GroupMember:
                 await self._enforce_max_poll()
                 self._apply_ops()
                 # A poll ends early when a pause, resume or seek is queued: they wait for the gap between polls.
-                self._dispatch(await self._in_thread(fetch, self.consumer, lambda: bool(self.ops)))
+                self._dispatch(await self._in_thread(fetch, self.consumer, POLL_BATCH, lambda: bool(self.ops)))
         finally:
             # The watch must end before the shutdown (it must not resubscribe a closing consumer). A cancel alone
             # was not enough: one that lands as the watch's Redis or admin call completes was seen lost (the watch

@@ -56,9 +56,10 @@ def header_int(headers: Mapping[str, bytes], name: str, default: int) -> int:
         return default
 
 
-def fetch(consumer: Consumer, interrupted: Callable[[], bool], most: int = POLL_BATCH) -> list[Message]:
+def fetch(consumer: Consumer, most: int = POLL_BATCH, interrupted: Callable[[], bool] = bool) -> list[Message]:
     """Wait for the first record (up to POLL_WAIT_S, or until ``interrupted()``), then take what else is ready.
 
+    ``interrupted`` is asked every POLL_SLICE_S; the default, ``bool``, never answers yes.
     ``consume(n, timeout)`` would wait the whole timeout for ``n`` records, holding back
     records that are already there when traffic is light.
     """
