@@ -282,6 +282,14 @@ def encode(booking: Mapping[str, Any]) -> str:
     return _encode(booking)
 
 
+#: ``encode`` for a message of plain values only (str, int within 64 bits, finite float, bool, None, lists and
+#: dicts of them), as UTF-8 bytes, in a seventh of the time (0.44 against 3.3 us for the comparison harness's
+#: 256-byte message): what the harness's producer sends flat out. The same JSON values, the same bytes but for a
+#: float's exponent (1e-7 where json writes 1e-07). Not for anything a learner or a test may send: it writes NaN
+#: as null and refuses ints past 64 bits, where ``encode`` keeps json's rules.
+encode_plain = msgspec.json.Encoder().encode
+
+
 @dataclass(frozen=True)
 class BookingGenerator:
     """Seeded bookings, so that a lesson's run can be repeated exactly.

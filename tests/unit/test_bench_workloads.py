@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from labkit import bench
-from labkit.booking import parse_booking
+from labkit.booking import encode, encode_plain, parse_booking
 from labkit.errors import ConfigError
 
 
@@ -75,6 +75,18 @@ def test_messages_are_valid_bookings_of_the_asked_size_and_key_cardinality() -> 
     by_key = [m["seq"] for m in messages if m["booking_id"] == messages[3]["booking_id"]]
     assert by_key == list(range(10))  # per-key event numbers, for ordering checks
     assert factory.probe(0)["n"] < 0
+
+
+def test_the_harness_producer_sends_what_the_lab_encoder_writes() -> None:
+    # The Kafka harness producer encodes with encode_plain (msgspec). For the factory's messages (Unix times)
+    # that is byte for byte what encode (json) writes; for any plain value, the same JSON value.
+    factory = bench.MessageFactory(bench.Workload(message_bytes=300, keys=11))
+    messages = [factory.booking(n, t) for n in (0, 7, 10**5, 10**9) for t in (0.0, 1_800_000_000.123457, 2e9 + 0.5)]
+    messages += [factory.probe(3), {**factory.booking(1, 2.0), "pad": 'ü\n"é✓'}]
+    for message in messages:
+        assert encode_plain(message) == encode(message).encode("utf-8")
+    odd = {**factory.booking(2, 1e-7), "big": 1e16, "small": -(2**63), "nested": [{"x": None, "y": True}]}
+    assert json.loads(encode_plain(odd)) == json.loads(encode(odd)) == odd
 
 
 def _deliveries(start: float, rate: float, seconds: float, latency_s: float) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from labkit.backends.kafka.quirks import Repairs
 from labkit.backends.kafka.records import Send, coordinates, location
 from labkit.backends.kafka.settings import MAX_MESSAGE_BYTES, MESSAGE_TIMEOUT_MS, producer_config, unavailable
-from labkit.booking import encode
+from labkit.booking import encode_plain
 from labkit.errors import BackendError, BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class RecordProducer:
                 errors.append(error)
 
         for booking in bookings:
-            value, key = encode(booking).encode("utf-8"), str(booking["booking_id"]).encode("utf-8")
+            value, key = encode_plain(booking), str(booking["booking_id"]).encode("utf-8")
             while True:
                 try:
                     producer.produce(topic, value, key, on_delivery=on_delivery)
