@@ -95,18 +95,25 @@ def old_redis() -> Iterator[int]:
     server.bind(("127.0.0.1", 0))
     server.listen(8)
 
-    def reply(request: bytes) -> bytes:
-        if b"PING" in request:
+    def reply(command: bytes) -> bytes:
+        if command == b"PING":
             return b"+PONG\r\n"
-        if b"INFO" in request:
+        if command == b"INFO":
             body = b"# Server\r\nredis_version:5.0.7\r\nprocess_id:1\r\n"
             return b"$%d\r\n%s\r\n" % (len(body), body)
         return b"-ERR unknown command\r\n"  # as Redis 5 answers HELLO and CLIENT SETINFO
 
     def answer(conn: socket.socket) -> None:
+        # One reply per command, however the commands arrive: redis-py sends its connect-time CLIENT SETINFO
+        # pair back to back before reading either reply, so one read can hold two commands, or half of one.
+        pending = b""
         with conn, contextlib.suppress(OSError):
-            while request := conn.recv(4096):  # redis-py waits for each reply, so one command per read
-                conn.sendall(reply(request.upper()))
+            while chunk := conn.recv(4096):
+                pending += chunk
+                while (command := _first_resp_command(pending)) is not None:
+                    name, size = command
+                    pending = pending[size:]
+                    conn.sendall(reply(name.upper()))
 
     def serve() -> None:
         while True:
@@ -123,6 +130,22 @@ def old_redis() -> Iterator[int]:
         with contextlib.suppress(OSError):
             server.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
         server.close()
+
+
+def _first_resp_command(data: bytes) -> tuple[bytes, int] | None:
+    """The name of the first whole RESP command in ``data`` (``*<n>`` then n bulk strings) and its length in bytes."""
+    if not data.startswith(b"*") or (end := data.find(b"\r\n")) < 0:
+        return None
+    at, parts = end + 2, []
+    for _ in range(int(data[1:end])):
+        if (end := data.find(b"\r\n", at)) < 0:
+            return None
+        length = int(data[at + 1 : end])  # "$<length>"
+        if len(data) < end + 2 + length + 2:
+            return None
+        parts.append(data[end + 2 : end + 2 + length])
+        at = end + 2 + length + 2
+    return parts[0], at
 
 
 def _extra_config(lab_stack: Stack, home: Path) -> Config:
