@@ -136,16 +136,17 @@ def _first_resp_command(data: bytes) -> tuple[bytes, int] | None:
     """The name of the first whole RESP command in ``data`` (``*<n>`` then n bulk strings) and its length in bytes."""
     if not data.startswith(b"*") or (end := data.find(b"\r\n")) < 0:
         return None
-    at, parts = end + 2, []
-    for _ in range(int(data[1:end])):
+    at, name = end + 2, b""
+    for i in range(int(data[1:end])):
         if (end := data.find(b"\r\n", at)) < 0:
             return None
         length = int(data[at + 1 : end])  # "$<length>"
         if len(data) < end + 2 + length + 2:
             return None
-        parts.append(data[end + 2 : end + 2 + length])
+        if i == 0:
+            name = data[end + 2 : end + 2 + length]
         at = end + 2 + length + 2
-    return parts[0], at
+    return name, at
 
 
 def _extra_config(lab_stack: Stack, home: Path) -> Config:
