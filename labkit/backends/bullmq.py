@@ -363,7 +363,7 @@ class BullMQBackend(Backend):
         events = handler.events
         followups: set[asyncio.Task[None]] = set()
 
-        together = _SameTickBatches(handler) if handler.batches else None
+        together = _JobBatches(handler) if handler.batches else None
 
         async def process(job: Job, token: str) -> None:
             # The worker's retry policy wins over whatever the producer put in the job:
@@ -577,41 +577,52 @@ class BullMQBackend(Backend):
         return sorted(name for name in names if name)
 
 
-class _SameTickBatches:
-    """The jobs whose processors start in the same event-loop tick, run as one batch (``BookingHandler.run_batch``).
+class _JobBatches:
+    """Jobs whose processors start while the worker's previous batch is being handled, run as the next batch
+    (``BookingHandler.run_batch``).
 
     BullMQ's Python worker hands over one job per processor call, but a worker with ``concurrency``
-    slots starts several processors at once, whenever several ``moveToActive`` replies arrive
-    together. Gathering those into one batch gives them one ``received``, ``started`` and ``completed``
-    write and one completion record (shared with other batches in flight, ``Ledger.record_completions``)
-    instead of three writes and a round trip each. Each processor still waits for its own verdict, so
-    BullMQ completes (acknowledges) a job only after its batch was handled, and retries and dead
-    letters stay per job. A booking with a ``slow_ms`` fault runs on its own, not holding up the others.
+    slots has several processors running at once. A job that arrives while no batch is in flight starts
+    one at the end of the event-loop tick, with the jobs that arrived in the same tick; the jobs that
+    arrive while it runs wait and form the next batch (a group commit: no added wait when the worker is
+    idle, bigger batches when it is busy). Each batch gets one ``received``, ``started`` and
+    ``completed`` write and one completion record, instead of three writes and a round trip per job.
+    Each processor still waits for its own verdict, so BullMQ completes (acknowledges) a job only after
+    its batch was handled, and retries and dead letters stay per job. A booking with a ``slow_ms`` fault
+    runs on its own, not holding up the others.
+
+    One batch at a time, because that measured best: batches of a tick alone, several in flight, were half
+    as big and cost more CPU per job (docs/benchmarks.md, "Fourth pass").
     """
 
     def __init__(self, handler: BookingHandler) -> None:
         self.handler = handler
         self._waiting: list[tuple[Delivery, Booking | BadMessage, asyncio.Future[Result]]] = []
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: asyncio.Task[None] | None = None
+        self._starting = False
 
     async def run(self, delivery: Delivery) -> Result:
-        """The handler's verdict on ``delivery``, reached together with the others of this tick."""
+        """The handler's verdict on ``delivery``, reached in a batch with the jobs that came with it."""
         [parsed] = self.handler.validate_batch([delivery])
         if isinstance(parsed, Booking) and parsed.fault.slow_ms:
             self.handler.log_received([delivery], [parsed])
             return await self.handler(delivery)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        if not self._waiting:
-            loop.call_soon(self._start)
         self._waiting.append((delivery, parsed, future))
+        if self._running is None and not self._starting:
+            self._starting = True
+            loop.call_soon(self._start)
         return await future
 
     def _start(self) -> None:
-        batch, self._waiting = self._waiting, []
-        task = asyncio.ensure_future(self._run(batch))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        """Start the next batch with every job waiting: at the end of a tick, or as the batch before finishes."""
+        self._starting = False
+        self._running = None
+        if self._waiting:
+            batch, self._waiting = self._waiting, []
+            self._running = asyncio.ensure_future(self._run(batch))
+            self._running.add_done_callback(lambda _: self._start())
 
     async def _run(self, batch: list[tuple[Delivery, Booking | BadMessage, asyncio.Future[Result]]]) -> None:
         deliveries = [delivery for delivery, _, _ in batch]
