@@ -154,15 +154,24 @@ def kafka_produce(config: Config, seconds: float) -> Tally:
     return tally
 
 
-async def bullmq_consume(config: Config, name: str, idle: float, concurrency: int) -> Tally:
-    """A bullmq Worker whose processor encodes the job data BullMQ already decoded."""
+async def bullmq_consume(config: Config, name: str, idle: float, concurrency: int, record: bool = False) -> Tally:
+    """A bullmq Worker whose processor encodes the job data BullMQ already decoded.
+
+    With ``record``, the processor also stores the booking id in a Redis set before it returns, one SADD per
+    job: the plainest way to keep labkit's promise that a completion is recorded before the job is acked.
+    """
     from bullmq import Worker
     from redis.asyncio import Redis
 
     tally = Tally()
 
+    recorder = Redis.from_url(config.redis_url)
+    completed = config.names.key("bullmq", "raw-completed")
+
     async def processor(job: Any, token: str) -> None:
         json.dumps(job.data)
+        if record:
+            await recorder.sadd(completed, job.data["booking_id"])
 
     # The two known traps fixed as labkit fixes them (see labkit/backends/bullmq.py): a client without a
     # socket timeout, and the server version read before run(); anything else would slow the baseline.
@@ -189,6 +198,8 @@ async def bullmq_consume(config: Config, name: str, idle: float, concurrency: in
             break
     await worker.close()
     await running
+    await recorder.delete(completed)
+    await recorder.aclose()
     return tally
 
 
@@ -218,6 +229,7 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=2.0, help="consume: stop after this long without a message")
     parser.add_argument("--seconds", type=float, default=10.0, help="produce: for this long")
     parser.add_argument("--concurrency", type=int, default=16, help="BullMQ worker concurrency")
+    parser.add_argument("--record", action="store_true", help="BullMQ: store each completion in Redis before the ack")
     args = parser.parse_args()
     config = Config.from_env()
     if args.role == "produce":
@@ -230,7 +242,7 @@ def main() -> None:
         runs = {
             "streams": lambda: asyncio.run(streams_consume(config, args.name, args.idle)),
             "kafka": lambda: kafka_consume(config, args.name, args.idle),
-            "bullmq": lambda: asyncio.run(bullmq_consume(config, args.name, args.idle, args.concurrency)),
+            "bullmq": lambda: asyncio.run(bullmq_consume(config, args.name, args.idle, args.concurrency, args.record)),
         }
     print(json.dumps(runs[args.backend]().result()), flush=True)
 

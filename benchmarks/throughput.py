@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import labkit as lk
@@ -59,8 +60,10 @@ def labkit_rate(backend: str, config: Config, count: int, workers: int, concurre
     return count / (finished - started)
 
 
-def raw_rate(backend: str, config: Config, count: int, workers: int, concurrency: int) -> float:
-    """Bookings/s of `workers` raw client loops draining a backlog of `count`."""
+def raw_rate(
+    backend: str, config: Config, count: int, workers: int, concurrency: int, flags: Sequence[str] = ()
+) -> float:
+    """Bookings/s of `workers` raw client loops (``raw_clients.py`` with ``flags``) draining a backlog of `count`."""
     produce_backlog(backend, config, count)
     env = {**os.environ, **config.to_env(), "PYTHONPATH": str(ROOT)}
     processes = [
@@ -74,6 +77,7 @@ def raw_rate(backend: str, config: Config, count: int, workers: int, concurrency
                 f"raw-{i}",
                 "--concurrency",
                 str(concurrency),
+                *flags,
             ],
             env=env,
             stdout=subprocess.PIPE,
