@@ -64,7 +64,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from labkit.backends.base import BATCH_FETCH, Backend, BatchSink, Message, dead_letter_record, wire_text
-from labkit.booking import Booking, booking_id_of, encode
+from labkit.booking import booking_id_of, encode
 from labkit.errors import BrokerUnavailable, ConfigError
 from labkit.workflow import BookingHandler, Delivery, Outcome, Result
 
