@@ -599,7 +599,6 @@ class _JobBatches:
         self.handler = handler
         self._waiting: list[tuple[Delivery, Booking | BadMessage, asyncio.Future[Result]]] = []
         self._running: asyncio.Task[None] | None = None
-        self._starting = False
 
     async def run(self, delivery: Delivery) -> Result:
         """The handler's verdict on ``delivery``, reached in a batch with the jobs that came with it."""
@@ -610,14 +609,12 @@ class _JobBatches:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._waiting.append((delivery, parsed, future))
-        if self._running is None and not self._starting:
-            self._starting = True
+        if self._running is None and len(self._waiting) == 1:  # the tick's first job: none is scheduled yet
             loop.call_soon(self._start)
         return await future
 
     def _start(self) -> None:
         """Start the next batch with every job waiting: at the end of a tick, or as the batch before finishes."""
-        self._starting = False
         self._running = None
         if self._waiting:
             batch, self._waiting = self._waiting, []
